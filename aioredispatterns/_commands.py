@@ -1,0 +1,71 @@
+"""The command path every primitive uses for short, non-blocking commands.
+
+With auto-pipelining on (the default), commands issued by many coroutines in one
+event-loop iteration travel to the server as one batch; otherwise each command takes
+a pooled connection of its own. Blocking commands (BLPOP, XREADGROUP BLOCK, SUBSCRIBE)
+never come through here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.typing import EncodableT
+
+from ._client import AnyRedis, is_cluster, state_of
+from ._translate import map_redis_errors
+
+
+async def execute_raw(client: AnyRedis, *args: EncodableT, **options: Any) -> Any:
+    """Run one command and return the parsed reply; redis-py errors pass untranslated."""
+    state = state_of(client)
+    if state.auto_pipeline:
+        pipeline = state.pipeline
+        if pipeline is None:
+            from ._pipeline import AutoPipeline
+
+            pipeline = state.pipeline = AutoPipeline(client)
+        return await pipeline.execute(*args, **options)
+    return await client.execute_command(*args, **options)
+
+
+async def execute(client: AnyRedis, *args: EncodableT, **options: Any) -> Any:
+    """Run one command and return the parsed reply, with errors translated.
+
+    Cancellation: a cancelled caller's reply is discarded; the connection stays usable.
+    """
+    with map_redis_errors():
+        return await execute_raw(client, *args, **options)
+
+
+async def execute_blocking(
+    client: AnyRedis, *args: EncodableT, block: float, **options: Any
+) -> Any:
+    """Run a blocking command (BLPOP, BLMOVE, XREADGROUP BLOCK ...) on a connection of its own.
+
+    ``block`` is how many seconds the server may hold the command; the reply is awaited
+    that long plus the client's socket timeout. Errors are translated.
+
+    Cancellation: the connection is closed (its reply can no longer be matched to a
+    caller) and returned to the pool; a command the server completes after that is lost
+    to this caller, so use BLMOVE into a processing list where that matters.
+    """
+    with map_redis_errors():
+        if is_cluster(client):
+            # The cluster client routes by key and owns its node connections; keep
+            # ``block`` below its socket timeout there.
+            return await client.execute_command(*args, **options)
+        pool = client.connection_pool  # type: ignore[union-attr]
+        conn = await pool.get_connection()
+        try:
+            await conn.send_command(*args)
+            socket_timeout = conn.socket_timeout or 0.0
+            response = await conn.read_response(timeout=block + socket_timeout + 1.0)
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+        command_name = str(args[0]).upper()
+        callback = client.response_callbacks.get(command_name)
+        return callback(response, **options) if callback else response

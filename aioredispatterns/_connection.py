@@ -1,0 +1,182 @@
+"""connect(): the one place that builds a client and its connection pool."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, overload
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from ._client import set_state
+from .errors import ConfigurationError
+
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+_SCHEMES = {"redis", "rediss", "unix"}
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+def _split_cluster_url(url: str) -> tuple[str, bool]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in _CLUSTER_SCHEMES:
+        return urlunsplit(parts._replace(scheme=_CLUSTER_SCHEMES[scheme])), True
+    if scheme not in _SCHEMES:
+        raise ConfigurationError(
+            f"unsupported URL scheme {parts.scheme!r}: use redis://, rediss://, unix://, "
+            "redis+cluster:// or rediss+cluster://"
+        )
+    flag = parse_qs(parts.query).get("cluster", ["false"])[-1].lower()
+    if flag in {"1", "true", "yes"}:
+        query = "&".join(p for p in parts.query.split("&") if not p.startswith("cluster="))
+        return urlunsplit(parts._replace(query=query)), True
+    return url, False
+
+
+def _positive(name: str, value: float | int | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
+
+
+@overload
+def connect(
+    url: str = ...,
+    *,
+    cluster: Literal[True],
+    max_connections: int = ...,
+    pool_timeout: float = ...,
+    socket_timeout: float | None = ...,
+    connect_timeout: float = ...,
+    retries: int = ...,
+    backoff_base: float = ...,
+    backoff_cap: float = ...,
+    health_check_interval: float = ...,
+    protocol: Literal[2, 3] = ...,
+    username: str | None = ...,
+    password: str | None = ...,
+    auto_pipeline: bool = ...,
+    **redis_options: Any,
+) -> RedisCluster: ...
+
+
+@overload
+def connect(
+    url: str = ...,
+    *,
+    cluster: bool | None = ...,
+    max_connections: int = ...,
+    pool_timeout: float = ...,
+    socket_timeout: float | None = ...,
+    connect_timeout: float = ...,
+    retries: int = ...,
+    backoff_base: float = ...,
+    backoff_cap: float = ...,
+    health_check_interval: float = ...,
+    protocol: Literal[2, 3] = ...,
+    username: str | None = ...,
+    password: str | None = ...,
+    auto_pipeline: bool = ...,
+    **redis_options: Any,
+) -> Redis | RedisCluster: ...
+
+
+def connect(
+    url: str = DEFAULT_URL,
+    *,
+    cluster: bool | None = None,
+    max_connections: int = 32,
+    pool_timeout: float = 5.0,
+    socket_timeout: float | None = 5.0,
+    connect_timeout: float = 2.0,
+    retries: int = 3,
+    backoff_base: float = 0.05,
+    backoff_cap: float = 1.0,
+    health_check_interval: float = 15.0,
+    protocol: Literal[2, 3] = 2,
+    username: str | None = None,
+    password: str | None = None,
+    auto_pipeline: bool = True,
+    **redis_options: Any,
+) -> Redis | RedisCluster:
+    """Build a redis-py asyncio client on a bounded connection pool.
+
+    Args:
+        url: ``redis://[user:pass@]host:port/db``, ``rediss://`` for TLS, ``unix://``;
+            ``redis+cluster://`` (or ``?cluster=true``, or ``cluster=True``) for Redis
+            Cluster, which returns a :class:`redis.asyncio.cluster.RedisCluster`.
+        max_connections: the pool's size (per node on a cluster).
+        pool_timeout: how long a caller waits for a free pooled connection before
+            :class:`~aioredispatterns.errors.PoolTimeout` (a cluster node's pool does not
+            wait: it raises at once when all its connections are busy).
+        socket_timeout: how long to wait for a reply (``None``: forever).
+        connect_timeout: how long to wait for a TCP/TLS connect.
+        retries: how many times a command is retried after a connection error, with
+            exponential backoff and full jitter between ``backoff_base`` and ``backoff_cap``
+            seconds. A retried command may have run once already (at-least-once).
+        health_check_interval: idle seconds after which a connection is PINGed before use.
+        protocol: 2 (RESP2, default) or 3 (RESP3).
+        username, password: ACL credentials (they may also be in the URL).
+        auto_pipeline: batch the library's short commands issued in one event-loop
+            iteration into one round trip (see README).
+        **redis_options: passed through to redis-py (e.g. ``ssl_ca_certs``).
+
+    The client uses hiredis for parsing when it is installed. Close it with
+    ``await client.aclose()`` or ``async with``.
+
+    Raises:
+        ConfigurationError: an option is out of range or the URL scheme is unknown.
+    """
+    if not isinstance(url, str) or not url:
+        raise ConfigurationError("url must be a non-empty str")
+    url, cluster_from_url = _split_cluster_url(url)
+    use_cluster = cluster_from_url if cluster is None else cluster
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+        raise ConfigurationError("max_connections must be an int")
+    _positive("max_connections", max_connections)
+    _positive("pool_timeout", pool_timeout)
+    _positive("socket_timeout", socket_timeout, allow_none=True)
+    _positive("connect_timeout", connect_timeout)
+    _positive("backoff_base", backoff_base)
+    _positive("backoff_cap", backoff_cap)
+    _positive("health_check_interval", health_check_interval)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ConfigurationError(f"retries must be an int >= 0, got {retries!r}")
+    if protocol not in (2, 3):
+        raise ConfigurationError(f"protocol must be 2 or 3, got {protocol!r}")
+
+    # Only connection errors are retried: a timed-out command may still be running on
+    # the server, and re-sending a non-idempotent one (INCR, XADD) would apply it twice.
+    retry = Retry(
+        ExponentialWithJitterBackoff(base=backoff_base, cap=backoff_cap),
+        retries,
+        supported_errors=(RedisConnectionError,),
+    )
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+        "health_check_interval": health_check_interval,
+        "protocol": protocol,
+        **redis_options,
+    }
+    if username is not None:
+        options["username"] = username
+    if password is not None:
+        options["password"] = password
+
+    client: Redis | RedisCluster
+    if use_cluster:
+        client = RedisCluster.from_url(url, max_connections=max_connections, retry=retry, **options)
+    else:
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=pool_timeout, retry=retry, **options
+        )
+        # from_pool: closing the client closes the pool it owns.
+        client = Redis.from_pool(pool)
+    set_state(client, auto_pipeline=auto_pipeline)
+    return client

@@ -1,0 +1,3 @@
+"""Test configuration: real throwaway servers from aioredispatterns.testing."""
+
+pytest_plugins = ["aioredispatterns.testing"]
