@@ -5,7 +5,9 @@ underscore is private.
 """
 
 from ._capabilities import ServerInfo, server_info
+from ._commands import pipeline_stats
 from ._connection import connect
+from ._pipeline import PipelineStats
 from .errors import (
     CommandError,
     CommandTimeout,
@@ -37,6 +39,7 @@ __all__ = (
     "JsonSerializer",
     "MsgpackSerializer",
     "PickleSerializer",
+    "PipelineStats",
     "PoolTimeout",
     "RawSerializer",
     "RedisPatternsError",
@@ -47,5 +50,6 @@ __all__ = (
     "UnsupportedServerError",
     "__version__",
     "connect",
+    "pipeline_stats",
     "server_info",
 )

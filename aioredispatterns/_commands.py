@@ -13,18 +13,52 @@ from typing import Any
 from redis.typing import EncodableT
 
 from ._client import AnyRedis, is_cluster, state_of
-from ._translate import map_redis_errors
+from ._pipeline import AutoPipeline, PipelineStats
+from ._translate import map_redis_errors, translate
+from .errors import ConfigurationError
+
+# Commands that can hold their connection: they would stall every command batched
+# behind them, so they never enter the shared pipeline (use execute_blocking).
+_BLOCKING = frozenset(
+    {
+        "BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BLMPOP", "BZPOPMIN", "BZPOPMAX", "BZMPOP",
+        "XREAD", "XREADGROUP", "WAIT", "WAITAOF", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE",
+        "MONITOR",
+    }
+)  # fmt: skip
+
+
+def pipeline_stats(client: AnyRedis) -> PipelineStats | None:
+    """Counters of ``client``'s auto-pipeline, or None if it has not been used (or is off).
+
+    Example: ``stats.mean_batch_size`` tells how many commands share a round trip.
+    """
+    pipeline = state_of(client).pipeline
+    return pipeline.stats if pipeline is not None else None
+
+
+def _pipeline_of(client: AnyRedis) -> AutoPipeline | None:
+    state = state_of(client)
+    if not state.auto_pipeline:
+        return None
+    pipeline = state.pipeline
+    if pipeline is None:
+        pipeline = state.pipeline = AutoPipeline(client)
+    return pipeline
+
+
+def _check_not_blocking(args: tuple[EncodableT, ...]) -> None:
+    first = args[0]
+    name = (first if isinstance(first, str) else bytes(first).decode()).split(" ")[0].upper()  # type: ignore[arg-type]
+    if name in _BLOCKING:
+        raise ConfigurationError(f"{name} can block its connection: use execute_blocking()")
 
 
 async def execute_raw(client: AnyRedis, *args: EncodableT, **options: Any) -> Any:
     """Run one command and return the parsed reply; redis-py errors pass untranslated."""
-    state = state_of(client)
-    if state.auto_pipeline:
-        pipeline = state.pipeline
-        if pipeline is None:
-            from ._pipeline import AutoPipeline
-
-            pipeline = state.pipeline = AutoPipeline(client)
+    pipeline = _pipeline_of(client)
+    if pipeline is not None:
+        _check_not_blocking(args)
         return await pipeline.execute(*args, **options)
     return await client.execute_command(*args, **options)
 
@@ -34,8 +68,19 @@ async def execute(client: AnyRedis, *args: EncodableT, **options: Any) -> Any:
 
     Cancellation: a cancelled caller's reply is discarded; the connection stays usable.
     """
-    with map_redis_errors():
-        return await execute_raw(client, *args, **options)
+    # The hot path of every primitive: a plain try/except is cheaper than entering
+    # map_redis_errors() for every command.
+    try:
+        pipeline = _pipeline_of(client)
+        if pipeline is not None:
+            _check_not_blocking(args)
+            return await pipeline.execute(*args, **options)
+        return await client.execute_command(*args, **options)
+    except Exception as exc:
+        ours = translate(exc)
+        if ours is None:
+            raise
+        raise ours from exc
 
 
 async def execute_blocking(
