@@ -15,17 +15,6 @@ from redis.typing import EncodableT
 from ._client import AnyRedis, is_cluster, state_of
 from ._pipeline import AutoPipeline, PipelineStats
 from ._translate import map_redis_errors, translate
-from .errors import ConfigurationError
-
-# Commands that can hold their connection: they would stall every command batched
-# behind them, so they never enter the shared pipeline (use execute_blocking).
-_BLOCKING = frozenset(
-    {
-        "BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BLMPOP", "BZPOPMIN", "BZPOPMAX", "BZMPOP",
-        "XREAD", "XREADGROUP", "WAIT", "WAITAOF", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE",
-        "MONITOR",
-    }
-)  # fmt: skip
 
 
 def pipeline_stats(client: AnyRedis) -> PipelineStats | None:
@@ -47,18 +36,10 @@ def _pipeline_of(client: AnyRedis) -> AutoPipeline | None:
     return pipeline
 
 
-def _check_not_blocking(args: tuple[EncodableT, ...]) -> None:
-    first = args[0]
-    name = (first if isinstance(first, str) else bytes(first).decode()).split(" ")[0].upper()  # type: ignore[arg-type]
-    if name in _BLOCKING:
-        raise ConfigurationError(f"{name} can block its connection: use execute_blocking()")
-
-
 async def execute_raw(client: AnyRedis, *args: EncodableT, **options: Any) -> Any:
     """Run one command and return the parsed reply; redis-py errors pass untranslated."""
     pipeline = _pipeline_of(client)
     if pipeline is not None:
-        _check_not_blocking(args)
         return await pipeline.execute(*args, **options)
     return await client.execute_command(*args, **options)
 
@@ -73,7 +54,6 @@ async def execute(client: AnyRedis, *args: EncodableT, **options: Any) -> Any:
     try:
         pipeline = _pipeline_of(client)
         if pipeline is not None:
-            _check_not_blocking(args)
             return await pipeline.execute(*args, **options)
         return await client.execute_command(*args, **options)
     except Exception as exc:

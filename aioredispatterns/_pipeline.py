@@ -60,11 +60,22 @@ from redis.connection import PythonRespSerializer
 from redis.typing import EncodableT
 
 from ._client import AnyRedis
+from .errors import ConfigurationError
 
 try:
     import hiredis
 except ImportError:  # pragma: no cover - hiredis is an optional extra
     hiredis = None  # type: ignore[assignment]
+
+# Commands that can hold their connection: they would stall every command batched
+# behind them, so they never enter the shared pipeline (primitives use execute_blocking).
+BLOCKING_COMMANDS = frozenset(
+    {
+        "BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BLMPOP", "BZPOPMIN", "BZPOPMAX", "BZMPOP",
+        "XREAD", "XREADGROUP", "WAIT", "WAITAOF", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE",
+        "MONITOR",
+    }
+)  # fmt: skip
 
 # Handed to a waiting caller's future: "you are the reader now".
 _DRIVE: Any = object()
@@ -130,7 +141,7 @@ class AutoPipeline:
         self._max_batch = max_batch
         self._max_bytes = max_batch_bytes
         self._pack = _packer(client)
-        self._callbacks: dict[str, Callable[..., Any] | None] = {}
+        self._commands_seen: dict[EncodableT, tuple[str, Callable[..., Any] | None]] = {}
         self._queue: list[_Call] = []  # packed, not yet written
         self._writing = False
         self._in_flight: collections.deque[_Call] = collections.deque()  # sent, unread
@@ -152,20 +163,34 @@ class AutoPipeline:
 
     # ------------------------------------------------------------------ entry point
 
+    def _describe(self, first: EncodableT) -> tuple[str, Callable[..., Any] | None]:
+        """Name and response callback of a command (cached per spelling)."""
+        try:
+            return self._commands_seen[first]
+        except KeyError:
+            pass
+        name = first if isinstance(first, str) else bytes(first).decode()  # type: ignore[arg-type]
+        name = name.upper()
+        if name.split(" ")[0] in BLOCKING_COMMANDS:
+            raise ConfigurationError(f"{name} can block its connection: use execute_blocking()")
+        found = (name, self._client.response_callbacks.get(name))
+        if len(self._commands_seen) < 1024:
+            self._commands_seen[first] = found
+        return found
+
     async def execute(self, *args: EncodableT, **options: Any) -> Any:
-        """Queue one command for the next batch and return its parsed reply."""
+        """Queue one command for the next batch and return its parsed reply.
+
+        Raises:
+            ConfigurationError: a blocking command (it would stall the whole batch).
+        """
+        name, callback = self._describe(args[0])
         if self._cluster:
             return await self._execute_cluster(args, options)
-        first = args[0]
-        name = first.upper() if isinstance(first, str) else bytes(first).decode().upper()  # type: ignore[arg-type]
         # Packed here, in the caller: an unencodable argument fails this caller alone,
         # before anything is queued.
-        command = self._pack(args)
-        call = _Call(command, name, options, asyncio.get_running_loop().create_future())
-        try:
-            call.callback = self._callbacks[name]
-        except KeyError:
-            call.callback = self._callbacks[name] = self._client.response_callbacks.get(name)
+        call = _Call(self._pack(args), name, options, asyncio.get_running_loop().create_future())
+        call.callback = callback
         self._queue.append(call)
         if not self._writing:
             self._writing = True
