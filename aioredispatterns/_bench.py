@@ -85,8 +85,12 @@ _MAX_SAMPLES = 20_000
 
 async def _measure(scenario: Scenario, env: BenchEnv, seconds: float, result: Result) -> None:
     async with scenario.setup(env) as operation:
-        for _ in range(min(scenario.concurrency, 4)):  # warm connections and scripts
-            await operation()
+        # Warm up at full concurrency, so that opening connections and loading scripts
+        # is not measured (it would dominate short slices).
+        for _ in range(2):
+            async with anyio.create_task_group() as warm:
+                for _ in range(scenario.concurrency):
+                    warm.start_soon(operation)
         calls = 0
         samples: list[float] = []
         deadline = anyio.current_time() + seconds
