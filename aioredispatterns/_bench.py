@@ -87,10 +87,13 @@ async def _measure(scenario: Scenario, env: BenchEnv, seconds: float, result: Re
     async with scenario.setup(env) as operation:
         # Warm up at full concurrency, so that opening connections and loading scripts
         # is not measured (it would dominate short slices).
+        async def warm_once() -> None:
+            await operation()
+
         for _ in range(2):
             async with anyio.create_task_group() as warm:
                 for _ in range(scenario.concurrency):
-                    warm.start_soon(operation)
+                    warm.start_soon(warm_once)
         calls = 0
         samples: list[float] = []
         deadline = anyio.current_time() + seconds

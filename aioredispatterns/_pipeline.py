@@ -194,7 +194,11 @@ class AutoPipeline:
         self._queue.append(call)
         if not self._writing:
             self._writing = True
-            await self._lead()
+            try:
+                await self._lead()
+            except BaseException:
+                self._abandon(call)
+                raise
         return await self._wait(call)
 
     # ------------------------------------------------------------------ writer
@@ -276,23 +280,27 @@ class AutoPipeline:
         while True:
             try:
                 result = await call.future
-            except asyncio.CancelledError:
-                future = call.future
-                handed_the_role = (
-                    future.done()
-                    and not future.cancelled()
-                    and future.exception() is None
-                    and future.result() is _DRIVE
-                )
-                if handed_the_role:
-                    # Made the reader just as we were cancelled: pass the role on.
-                    self._reading = False
-                    self._hand_off_reading()
+            except BaseException:
+                self._abandon(call)
                 raise
             if result is not _DRIVE:
                 return result
             call.future = asyncio.get_running_loop().create_future()
             await self._read(call)
+
+    def _abandon(self, call: _Call) -> None:
+        """The caller of ``call`` is leaving: drop its reply, pass on a role it was given."""
+        future = call.future
+        if not future.done():
+            future.cancel()  # its reply, if one comes, is read and dropped
+            return
+        handed_the_role = (
+            not future.cancelled() and future.exception() is None and future.result() is _DRIVE
+        )
+        if handed_the_role:
+            # Made the reader just as it left: someone else must read.
+            self._reading = False
+            self._hand_off_reading()
 
     def _hand_off_reading(self) -> None:
         """Make the oldest caller still waiting the reader (if there is one)."""

@@ -23,7 +23,7 @@ from ._client import AnyRedis
 from ._commands import execute_raw
 from ._keys import KeyT
 from ._translate import map_redis_errors, translate
-from .errors import ConfigurationError
+from .errors import ConfigurationError, ScriptError
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +61,8 @@ class Script:
                 return await execute_raw(client, "EVALSHA", self.sha, len(keys), *keys, *args)
             except rex.NoScriptError:
                 return await execute_raw(client, "EVAL", self.source, len(keys), *keys, *args)
+        except rex.ResponseError as exc:
+            raise ScriptError(str(exc)) from exc
         except Exception as exc:
             ours = translate(exc)
             if ours is None:

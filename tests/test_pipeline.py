@@ -285,3 +285,44 @@ async def test_cluster_batches_group_by_node(cluster_client: RedisCluster) -> No
         *(INCR_AND_GET.run(cluster_client, [f"c:{i}"]) for i in range(60))
     )
     assert replies == [b"1"] * 60
+
+
+@pytest.mark.parametrize("how", ["native", "anyio"])
+async def test_cancelled_writer_does_not_strand_the_batch(
+    redis_client: Redis, key_prefix: str, how: str
+) -> None:
+    """The first caller of an iteration writes the batch; cancelling it right then must
+    neither lose the others' replies nor leave the reader role with nobody."""
+    await execute(redis_client, "SET", f"{key_prefix}:k", "v")
+    for _round in range(20):
+        with anyio.fail_after(5):
+            if how == "native":
+                writer = asyncio.ensure_future(execute(redis_client, "GET", f"{key_prefix}:k"))
+                others = [
+                    asyncio.ensure_future(execute(redis_client, "GET", f"{key_prefix}:k"))
+                    for _ in range(10)
+                ]
+                await asyncio.sleep(0)  # the writer is now inside its one-iteration wait
+                writer.cancel()
+                assert await asyncio.gather(*others) == [b"v"] * 10
+                with pytest.raises(asyncio.CancelledError):
+                    await writer
+            else:
+                got: list[Any] = []
+                async with anyio.create_task_group() as tg:
+                    scope = anyio.CancelScope()
+
+                    async def first(scope: anyio.CancelScope = scope) -> None:
+                        with scope:
+                            await execute(redis_client, "GET", f"{key_prefix}:k")
+
+                    async def other(got: list[Any] = got) -> None:
+                        got.append(await execute(redis_client, "GET", f"{key_prefix}:k"))
+
+                    tg.start_soon(first)
+                    for _ in range(10):
+                        tg.start_soon(other)
+                    await asyncio.sleep(0)
+                    scope.cancel()
+                assert got == [b"v"] * 10
+    assert await execute(redis_client, "GET", f"{key_prefix}:k") == b"v"
