@@ -25,6 +25,17 @@ from .serializers import (
     RawSerializer,
     Serializer,
 )
+from .streams import (
+    ConsumerGroup,
+    ConsumerPolicy,
+    DeadLetter,
+    GroupInfo,
+    GroupStats,
+    StreamError,
+    StreamMessage,
+    StreamProducer,
+    StreamRetention,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -33,6 +44,11 @@ __all__ = (
     "CommandTimeout",
     "ConfigurationError",
     "ConnectionFailed",
+    "ConsumerGroup",
+    "ConsumerPolicy",
+    "DeadLetter",
+    "GroupInfo",
+    "GroupStats",
     "InvalidKeyError",
     "JsonSerializer",
     "MsgpackSerializer",
@@ -44,6 +60,10 @@ __all__ = (
     "SerializationError",
     "Serializer",
     "ServerInfo",
+    "StreamError",
+    "StreamMessage",
+    "StreamProducer",
+    "StreamRetention",
     "UnsupportedServerError",
     "__version__",
     "connect",

@@ -18,7 +18,7 @@ group.messages()``). Around that it does what a worker pool on streams needs:
 
 Delivery is **at least once**: a handler may see a message again (its worker died after
 the handler ran but before the ack went out, or the handler outlived ``claim_idle``).
-Every :class:`Message` carries its id and delivery count so handlers can be idempotent.
+Every :class:`StreamMessage` carries its id and delivery count so handlers can be idempotent.
 
 Keys: the stream is ``<prefix>:stream:{<name>}`` and its dead-letter stream
 ``<prefix>:stream:{<name>}:dead``; one hash tag, one cluster slot.
@@ -64,15 +64,15 @@ __all__ = (
     "DeadLetter",
     "GroupInfo",
     "GroupStats",
-    "Message",
-    "Retention",
     "StreamError",
+    "StreamMessage",
     "StreamProducer",
+    "StreamRetention",
 )
 
 logger = logging.getLogger("aioredispatterns.streams")
 
-Handler = Callable[["Message"], Awaitable[object]]
+Handler = Callable[["StreamMessage"], Awaitable[object]]
 
 _NO_PENDING = "0-0"
 
@@ -89,7 +89,7 @@ def _stream_keys(prefix: str, name: object) -> KeySpace:
 
 
 @dataclass(frozen=True, slots=True)
-class Retention:
+class StreamRetention:
     """How much of a stream to keep; applied by every ``XADD`` of a producer.
 
     Attributes:
@@ -109,17 +109,17 @@ class Retention:
 
     def __post_init__(self) -> None:
         if (self.maxlen is None) == (self.max_age is None):
-            raise ConfigurationError("Retention takes exactly one of maxlen or max_age")
+            raise ConfigurationError("StreamRetention takes exactly one of maxlen or max_age")
         if self.maxlen is not None and (
             not isinstance(self.maxlen, int) or isinstance(self.maxlen, bool) or self.maxlen < 1
         ):
-            raise ConfigurationError("Retention.maxlen must be an int >= 1")
+            raise ConfigurationError("StreamRetention.maxlen must be an int >= 1")
         if self.max_age is not None and not (
             isinstance(self.max_age, int | float)
             and math.isfinite(self.max_age)
             and self.max_age > 0
         ):
-            raise ConfigurationError("Retention.max_age must be a positive number of seconds")
+            raise ConfigurationError("StreamRetention.max_age must be a positive number of seconds")
 
     def args(self) -> list[EncodableT]:
         """The XADD trimming arguments."""
@@ -154,23 +154,27 @@ class StreamProducer:
         *,
         prefix: str = DEFAULT_PREFIX,
         serializer: Serializer | None = None,
-        retention: Retention | None = None,
+        retention: StreamRetention | None = None,
     ) -> None:
         self._client = check_client(client)
         self._keys = _stream_keys(prefix, stream)
         self.key: KeyT = self._keys.key()
         self._serializer = check_serializer(serializer or default_serializer())
-        if retention is not None and not isinstance(retention, Retention):
-            raise ConfigurationError("retention must be a Retention")
+        if retention is not None and not isinstance(retention, StreamRetention):
+            raise ConfigurationError("retention must be a StreamRetention")
         self._retention = retention
 
-    def _xadd_args(self, fields: Mapping[str, Any]) -> list[EncodableT]:
+    def _head(self) -> list[EncodableT]:
+        head: list[EncodableT] = ["XADD", self.key]
+        if self._retention is not None:
+            head += self._retention.args()
+        head.append("*")
+        return head
+
+    def _xadd_args(self, head: list[EncodableT], fields: Mapping[str, Any]) -> list[EncodableT]:
         if not isinstance(fields, Mapping) or not fields:
             raise ConfigurationError("a message is a non-empty mapping of field names to values")
-        args: list[EncodableT] = ["XADD", self.key]
-        if self._retention is not None:
-            args += self._retention.args()
-        args.append("*")
+        args = head.copy()
         dumps = self._serializer.dumps
         for name, value in fields.items():
             if not isinstance(name, str) or not name:
@@ -186,7 +190,7 @@ class StreamProducer:
 
         Cancellation: the message may or may not have been appended.
         """
-        args = self._xadd_args(fields)
+        args = self._xadd_args(self._head(), fields)
         return _r.text(await execute(self._client, *args))
 
     async def add_many(self, messages: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -198,7 +202,8 @@ class StreamProducer:
 
         Cancellation: any prefix of the messages may have been appended.
         """
-        commands = [self._xadd_args(fields) for fields in messages]
+        head = self._head()
+        commands = [self._xadd_args(head, fields) for fields in messages]
         if not commands:
             return []
         with map_redis_errors():
@@ -212,7 +217,7 @@ class StreamProducer:
 # --------------------------------------------------------------------------- consumer side
 
 
-class Message:
+class StreamMessage:
     """One stream entry delivered to this consumer.
 
     Attributes:
@@ -250,7 +255,7 @@ class Message:
         return self._fields
 
     def __repr__(self) -> str:
-        return f"Message(id={self.id!r}, deliveries={self.deliveries})"
+        return f"StreamMessage(id={self.id!r}, deliveries={self.deliveries})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,8 +503,8 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
         self._ack_wanted = anyio.Event()
         self._stopping = False
         self._group_lock = anyio.Lock()
-        self._send: MemoryObjectSendStream[Message] | None = None
-        self._receive: MemoryObjectReceiveStream[Message] | None = None
+        self._send: MemoryObjectSendStream[StreamMessage] | None = None
+        self._receive: MemoryObjectReceiveStream[StreamMessage] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -520,7 +525,7 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
             in_flight=self._in_flight,
         )
 
-    def ack(self, *messages: Message | str) -> None:
+    def ack(self, *messages: StreamMessage | str) -> None:
         """Acknowledge messages (or ids): queued and sent in the next batched XACK.
 
         The batch goes out within one round trip; the final batch is flushed on
@@ -532,10 +537,10 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
         if not self._running:
             raise StreamError("ack() needs the group running (inside its async with)")
         for message in messages:
-            self._acks.append(message.id if isinstance(message, Message) else message)
+            self._acks.append(message.id if isinstance(message, StreamMessage) else message)
         self._ack_wanted.set()
 
-    def messages(self) -> AsyncIterator[Message]:
+    def messages(self) -> AsyncIterator[StreamMessage]:
         """Iterate the messages delivered to this consumer (when there is no handler).
 
         Acknowledge each with :meth:`ack` once processed; an unacknowledged message stays
@@ -622,7 +627,7 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
             raise UnsupportedServerError(f"streams need XAUTOCLAIM (Redis >= 6.2); {info} lacks it")
         await _r.create_group(self._client, self.key, self.group, self.policy.start_id)
         self._reset_run_state()
-        send, receive = anyio.create_memory_object_stream[Message](self.policy.max_in_flight)
+        send, receive = anyio.create_memory_object_stream[StreamMessage](self.policy.max_in_flight)
         self._send, self._receive = send, receive
         self._running = True
         try:
@@ -719,7 +724,11 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
 
     def _dispatch(self, message_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> None:
         assert self._send is not None
-        message = Message(message_id.decode(), fields, deliveries, self._serializer)
+        if self._stopping:
+            # A read that completed just as shutdown began: the entry stays in this
+            # consumer's pending list and is reclaimed after claim_idle.
+            return
+        message = StreamMessage(message_id.decode(), fields, deliveries, self._serializer)
         self._in_flight += 1
         self._send.send_nowait(message)
 
@@ -859,7 +868,7 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
     async def _work(
         self,
         handler: Handler,
-        receive: MemoryObjectReceiveStream[Message],
+        receive: MemoryObjectReceiveStream[StreamMessage],
         scope: anyio.CancelScope,
         done: anyio.Event,
     ) -> None:
@@ -873,10 +882,23 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
         finally:
             done.set()
 
-    async def _worker(self, handler: Handler, receive: MemoryObjectReceiveStream[Message]) -> None:
+    async def _worker(
+        self, handler: Handler, receive: MemoryObjectReceiveStream[StreamMessage]
+    ) -> None:
         counts = self._counts
         active = self._active
-        async for message in receive:
+        while True:
+            # Take what is already buffered without a checkpoint per message (the
+            # buffer is bounded, so this cannot starve the reader for long).
+            try:
+                message = receive.receive_nowait()
+            except anyio.WouldBlock:
+                try:
+                    message = await receive.receive()
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    return
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                return
             if self._stopping:
                 return
             message_id = message.id
@@ -891,12 +913,13 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
             else:
                 counts.processed += 1
                 self._acks.append(message_id)
-                self._ack_wanted.set()
+                if not self._ack_wanted.is_set():
+                    self._ack_wanted.set()
             finally:
                 active.discard(message_id)
                 self._settled()
 
-    async def _failed(self, message: Message, exc: Exception) -> None:
+    async def _failed(self, message: StreamMessage, exc: Exception) -> None:
         if message.deliveries < self.policy.max_deliveries:
             logger.info(
                 "%s/%s: handler failed on %s (delivery %d of %d), left pending: %r",
@@ -976,14 +999,16 @@ class _MessageIterator:
 
     __slots__ = ("_group", "_receive")
 
-    def __init__(self, group: ConsumerGroup, receive: MemoryObjectReceiveStream[Message]) -> None:
+    def __init__(
+        self, group: ConsumerGroup, receive: MemoryObjectReceiveStream[StreamMessage]
+    ) -> None:
         self._group = group
         self._receive = receive
 
     def __aiter__(self) -> _MessageIterator:
         return self
 
-    async def __anext__(self) -> Message:
+    async def __anext__(self) -> StreamMessage:
         group = self._group
         if group._stopping:
             raise StopAsyncIteration

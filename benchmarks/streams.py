@@ -24,7 +24,7 @@ import anyio
 from redis.asyncio import Redis
 
 from aioredispatterns._bench import BenchEnv, Operation, Scenario
-from aioredispatterns.streams import ConsumerGroup, ConsumerPolicy, Message, StreamProducer
+from aioredispatterns.streams import ConsumerGroup, ConsumerPolicy, StreamMessage, StreamProducer
 
 GROUP = "streams e2e"
 BATCH = 1000
@@ -114,7 +114,7 @@ async def _consumer_group(env: BenchEnv) -> AsyncIterator[Operation]:
     await client.delete(producer.key)
     progress = _Progress()
 
-    async def handle(message: Message) -> None:
+    async def handle(message: StreamMessage) -> None:
         progress.add()
 
     async def produce() -> None:

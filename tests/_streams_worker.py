@@ -13,13 +13,13 @@ import sys
 import anyio
 
 from aioredispatterns import connect
-from aioredispatterns.streams import ConsumerGroup, ConsumerPolicy, Message
+from aioredispatterns.streams import ConsumerGroup, ConsumerPolicy, StreamMessage
 
 
 async def main(url: str, prefix: str, stream: str, group: str, consumer: str, done: str) -> None:
     client = connect(url)
 
-    async def handle(message: Message) -> None:
+    async def handle(message: StreamMessage) -> None:
         await client.rpush(done, message.id)
         await anyio.sleep(0.001)  # a little work, so many messages are in flight
 

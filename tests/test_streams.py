@@ -19,10 +19,10 @@ from aioredispatterns import ConfigurationError, connect
 from aioredispatterns.streams import (
     ConsumerGroup,
     ConsumerPolicy,
-    Message,
-    Retention,
     StreamError,
+    StreamMessage,
     StreamProducer,
+    StreamRetention,
 )
 from aioredispatterns.testing import RedisServer
 
@@ -86,7 +86,7 @@ def test_bad_policy_is_rejected(options: dict[str, Any]) -> None:
 def test_bad_retention_is_rejected() -> None:
     for bad in ({}, {"maxlen": 10, "max_age": 5.0}, {"maxlen": 0}, {"max_age": -1.0}):
         with pytest.raises(ConfigurationError):
-            Retention(**bad)  # type: ignore[arg-type]
+            StreamRetention(**bad)  # type: ignore[arg-type]
 
 
 async def test_bad_arguments_fail_before_any_command() -> None:
@@ -119,7 +119,7 @@ async def test_stream_and_dead_letter_share_one_hash_tag(redis_client: Redis) ->
 
 async def test_producer_encodes_fields_and_trims(redis_client: Redis, key_prefix: str) -> None:
     producer = StreamProducer(
-        redis_client, "events", prefix=key_prefix, retention=Retention(maxlen=10, exact=True)
+        redis_client, "events", prefix=key_prefix, retention=StreamRetention(maxlen=10, exact=True)
     )
     first = await producer.add({"user": {"id": 7}, "tags": ["a", "b"]})
     ids = await producer.add_many({"n": n} for n in range(30))
@@ -135,7 +135,7 @@ async def test_producer_encodes_fields_and_trims(redis_client: Redis, key_prefix
 
 async def test_max_age_retention_drops_old_entries(redis_client: Redis, key_prefix: str) -> None:
     producer = StreamProducer(
-        redis_client, "events", prefix=key_prefix, retention=Retention(max_age=60, exact=True)
+        redis_client, "events", prefix=key_prefix, retention=StreamRetention(max_age=60, exact=True)
     )
     old_ms = int((time.time() - 3600) * 1000)
     await redis_client.xadd(producer.key, {"n": "old"}, id=f"{old_ms}-0")
@@ -151,9 +151,9 @@ async def test_handler_sees_every_message_and_acks_in_batches(
 ) -> None:
     ids = await produce(redis_client, key_prefix, 500)
     await redis_client.config_resetstat()
-    seen: list[Message] = []
+    seen: list[StreamMessage] = []
 
-    async def handle(message: Message) -> None:
+    async def handle(message: StreamMessage) -> None:
         seen.append(message)
 
     policy = ConsumerPolicy(**FAST)  # type: ignore[arg-type]
@@ -191,7 +191,7 @@ async def test_messages_iterator_with_explicit_ack(redis_client: Redis, key_pref
 
 
 async def test_messages_needs_a_group_without_handler(redis_client: Redis, key_prefix: str) -> None:
-    async def handle(message: Message) -> None:
+    async def handle(message: StreamMessage) -> None:
         return None
 
     group = ConsumerGroup(redis_client, "jobs", "g", handler=handle, prefix=key_prefix)
@@ -210,7 +210,7 @@ async def test_reclaims_messages_of_a_dead_consumer(redis_client: Redis, key_pre
     await redis_client.xreadgroup("g", "dead", {group.key: ">"}, count=10)
     seen: dict[str, int] = {}
 
-    async def handle(message: Message) -> None:
+    async def handle(message: StreamMessage) -> None:
         seen[message.id] = message.deliveries
 
     policy = ConsumerPolicy(**FAST)  # type: ignore[arg-type]
@@ -232,7 +232,7 @@ async def test_poison_message_goes_to_dead_letters(redis_client: Redis, key_pref
     poison = ids[17]
     calls: dict[str, int] = {}
 
-    async def handle(message: Message) -> None:
+    async def handle(message: StreamMessage) -> None:
         calls[message.id] = calls.get(message.id, 0) + 1
         if message.id == poison:
             raise ValueError(f"cannot handle n={message.fields['n']}")
@@ -270,9 +270,9 @@ async def test_reclaim_dead_letters_a_message_that_keeps_killing_workers(
     await redis_client.xreadgroup("g", "dead-1", {group.key: ">"})
     for dead in ("dead-2", "dead-3"):  # each "worker" takes it over and dies too
         await redis_client.xclaim(group.key, "g", dead, 0, [message_id])
-    seen: list[Message] = []
+    seen: list[StreamMessage] = []
 
-    async def handle(message: Message) -> None:
+    async def handle(message: StreamMessage) -> None:
         seen.append(message)
 
     policy = ConsumerPolicy(max_deliveries=3, **FAST)  # type: ignore[arg-type]
@@ -293,7 +293,7 @@ async def test_backpressure_bounds_messages_in_flight(redis_client: Redis, key_p
     release = anyio.Event()
     started = 0
 
-    async def handle(message: Message) -> None:
+    async def handle(message: StreamMessage) -> None:
         nonlocal started
         started += 1
         await release.wait()
@@ -321,7 +321,7 @@ async def test_cancel_during_processing_loses_nothing(redis_client: Redis, key_p
     started: set[str] = set()
     finished: set[str] = set()
 
-    async def handle(message: Message) -> None:
+    async def handle(message: StreamMessage) -> None:
         started.add(message.id)
         await anyio.sleep(0.2)
         finished.add(message.id)
@@ -347,7 +347,7 @@ async def test_cancel_during_processing_loses_nothing(redis_client: Redis, key_p
     # None lost: another consumer gets exactly the messages that did not finish.
     rest: set[str] = set()
 
-    async def handle_rest(message: Message) -> None:
+    async def handle_rest(message: StreamMessage) -> None:
         rest.add(message.id)
 
     fast = ConsumerPolicy(**FAST)  # type: ignore[arg-type]
@@ -366,7 +366,7 @@ async def test_drain_timeout_cancels_slow_handlers_and_leaves_them_pending(
     ids = await produce(redis_client, key_prefix, 5)
     cancelled = 0
 
-    async def handle(message: Message) -> None:
+    async def handle(message: StreamMessage) -> None:
         nonlocal cancelled
         try:
             await anyio.sleep_forever()
@@ -399,7 +399,7 @@ async def test_idle_consumers_without_pending_are_removed(
     await redis_client.xreadgroup("g", "idle-busy", {group.key: ">"})  # owns one entry
     await anyio.sleep(0.3)
 
-    async def handle(message: Message) -> None:
+    async def handle(message: StreamMessage) -> None:
         return None
 
     policy = ConsumerPolicy(block=0.1, claim_idle=60, consumer_idle=0.2)
@@ -438,7 +438,7 @@ async def test_group_recreated_after_server_restart(
     caplog.set_level(logging.WARNING, logger="aioredispatterns.streams")
     seen: list[int] = []
 
-    async def handle(message: Message) -> None:
+    async def handle(message: StreamMessage) -> None:
         seen.append(message.fields["n"])
 
     with RedisServer(redis_server.binary, name=f"{redis_server.name}-own") as server:
@@ -488,7 +488,7 @@ async def test_worker_killed_mid_batch_loses_nothing(
 
     processed_b: list[str] = []
 
-    async def handle(message: Message) -> None:
+    async def handle(message: StreamMessage) -> None:
         processed_b.append(message.id)
 
     policy = ConsumerPolicy(block=0.1, claim_idle=0.5, claim_interval=0.1)
@@ -518,7 +518,7 @@ async def test_consumer_group_on_a_cluster(cluster_client: Any, key_prefix: str)
     ids = await producer.add_many({"n": n} for n in range(100))
     seen: list[str] = []
 
-    async def handle(message: Message) -> None:
+    async def handle(message: StreamMessage) -> None:
         seen.append(message.id)
         if message.fields["n"] == 3:
             raise RuntimeError("poison")
@@ -532,3 +532,30 @@ async def test_consumer_group_on_a_cluster(cluster_client: Any, key_prefix: str)
         [letter] = await group.dead_letters()
     assert set(seen) == set(ids)
     assert letter.message_id == ids[3]
+
+
+async def test_stopping_while_messages_stream_in_loses_nothing(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    # Reads that complete just as shutdown begins must leave their entries pending,
+    # not fail or get acked: start and stop a consumer again and again under load.
+    producer = StreamProducer(redis_client, "jobs", prefix=key_prefix)
+    handled: set[str] = set()
+
+    async def handle(message: StreamMessage) -> None:
+        handled.add(message.id)
+
+    produced: list[str] = []
+    policy = ConsumerPolicy(batch_size=50, **FAST)  # type: ignore[arg-type]
+    for _ in range(20):
+        async with ConsumerGroup(
+            redis_client, "jobs", "g", handler=handle, prefix=key_prefix, policy=policy
+        ):
+            await anyio.sleep(0.01)  # the reader is blocked in XREADGROUP now
+            # Its reply arrives together with this one; leave before it is taken.
+            produced.append(await producer.add({"n": 1}))
+    async with ConsumerGroup(
+        redis_client, "jobs", "g", handler=handle, prefix=key_prefix, policy=policy
+    ) as group:
+        await wait_until(lambda: handled == set(produced))
+        await wait_until(lambda: _no_pending(group))
