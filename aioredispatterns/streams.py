@@ -501,6 +501,7 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
         self._active: set[str] = set()
         self._acks: list[str] = []
         self._ack_wanted = anyio.Event()
+        self._ack_lock = anyio.Lock()
         self._stopping = False
         self._group_lock = anyio.Lock()
         self._send: MemoryObjectSendStream[StreamMessage] | None = None
@@ -728,8 +729,10 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
             # A read that completed just as shutdown began: the entry stays in this
             # consumer's pending list and is reclaimed after claim_idle.
             return
-        message = StreamMessage(message_id.decode(), fields, deliveries, self._serializer)
+        text_id = message_id.decode()
+        message = StreamMessage(text_id, fields, deliveries, self._serializer)
         self._in_flight += 1
+        self._active.add(text_id)
         self._send.send_nowait(message)
 
     async def _ensure_group(self, cause: BaseException) -> None:
@@ -835,8 +838,8 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
                     policy.max_deliveries,
                 )
             for message_id, fields, deliveries in claimed:
-                # Our own slow handler's message can come back to us: it is still being
-                # handled here, so do not start it a second time.
+                # A message still queued or being handled here (a slow handler, a long
+                # queue) can come back to us: do not hand it out a second time.
                 if message_id.decode() in self._active:
                     continue
                 self._counts.claimed += 1
@@ -902,7 +905,6 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
             if self._stopping:
                 return
             message_id = message.id
-            active.add(message_id)
             try:
                 if message.deliveries > 1:
                     counts.retried += 1
@@ -977,6 +979,12 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
                 backoff.reset()
 
     async def _flush_acks(self) -> None:
+        # One XACK at a time: the final flush on shutdown waits for the ack loop's
+        # batch in flight instead of racing it.
+        async with self._ack_lock:
+            await self._send_acks()
+
+    async def _send_acks(self) -> None:
         ids, self._acks = self._acks, []
         if not ids:
             return
@@ -1017,6 +1025,7 @@ class _MessageIterator:
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise StopAsyncIteration from None
         group._settled()
+        group._active.discard(message.id)
         if message.deliveries > 1:
             group._counts.retried += 1
         return message

@@ -7,18 +7,22 @@ import logging
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from aioredispatterns import ConfigurationError, connect
 from aioredispatterns.streams import (
     ConsumerGroup,
     ConsumerPolicy,
+    DeadLetter,
     StreamError,
     StreamMessage,
     StreamProducer,
@@ -311,6 +315,56 @@ async def test_backpressure_bounds_messages_in_flight(redis_client: Redis, key_p
         release.set()
         await wait_until(lambda: group.stats.acked == 200)
     assert (await group.info()).pending == 0
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    outcomes=st.lists(st.sampled_from(["ok", "flaky", "poison"]), min_size=1, max_size=25),
+    concurrency=st.integers(1, 6),
+    max_in_flight=st.integers(1, 12),
+)
+async def test_every_message_settles_as_the_model_says(
+    redis_client: Redis, outcomes: list[str], concurrency: int, max_in_flight: int
+) -> None:
+    # The model: "ok" is handled once; "flaky" fails its first delivery and succeeds on
+    # the second; "poison" fails both allowed deliveries and is dead-lettered. Whatever
+    # the concurrency and in-flight bound, nothing is left pending.
+    prefix = f"h{uuid.uuid4().hex[:12]}"
+    producer = StreamProducer(redis_client, "jobs", prefix=prefix)
+    ids = await producer.add_many({"i": i} for i in range(len(outcomes)))
+    kind = dict(zip(ids, outcomes, strict=True))
+    calls: dict[str, int] = dict.fromkeys(ids, 0)
+
+    async def handle(message: StreamMessage) -> None:
+        calls[message.id] += 1
+        if kind[message.id] == "poison" or (
+            kind[message.id] == "flaky" and message.deliveries == 1
+        ):
+            raise RuntimeError(kind[message.id])
+
+    policy = ConsumerPolicy(
+        concurrency=concurrency,
+        max_in_flight=max_in_flight,
+        max_deliveries=2,
+        block=0.05,
+        claim_idle=0.05,
+        claim_interval=0.02,
+    )
+    poison = {i for i in ids if kind[i] == "poison"}
+    async with ConsumerGroup(
+        redis_client, "jobs", "g", handler=handle, prefix=prefix, policy=policy
+    ) as group:
+        await wait_until(lambda: group.stats.acked == len(ids) - len(poison))
+        await wait_until(lambda: group.stats.dead_lettered == len(poison))
+        letters: list[DeadLetter] = await group.dead_letters()
+        assert (await group.info()).pending == 0
+    assert calls == {i: 1 if kind[i] == "ok" else 2 for i in ids}
+    assert {letter.message_id for letter in letters} == poison
+    assert all(letter.error == "RuntimeError: poison" for letter in letters)
 
 
 # --------------------------------------------------------------------------- shutdown
