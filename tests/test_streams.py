@@ -391,6 +391,8 @@ async def test_cancel_during_processing_loses_nothing(redis_client: Redis, key_p
             await wait_until(lambda: len(started) == 8)
             scope.cancel()  # while eight handlers sleep
     assert len(asyncio.all_tasks()) == tasks_before  # no task left behind
+    # The blocking read's connection went back to the pool (closed, not leaked).
+    assert not list(redis_client.connection_pool._get_in_use_connections())
     assert started == finished  # running handlers were allowed to finish
     pending = await pending_ids(redis_client, group.key, "g")
     last = by_id((await group.info()).last_delivered_id)
@@ -613,3 +615,32 @@ async def test_stopping_while_messages_stream_in_loses_nothing(
     ) as group:
         await wait_until(lambda: handled == set(produced))
         await wait_until(lambda: _no_pending(group))
+
+
+async def test_works_over_resp3(redis_url: str, redis_client: Redis, key_prefix: str) -> None:
+    client = connect(redis_url, protocol=3)
+    try:
+        producer = StreamProducer(client, "jobs", prefix=key_prefix)
+        ids = await producer.add_many({"n": n} for n in range(20))
+        seen: list[StreamMessage] = []
+
+        async def handle(message: StreamMessage) -> None:
+            seen.append(message)
+            if message.fields["n"] == 5:
+                raise KeyError("five")
+
+        policy = ConsumerPolicy(max_deliveries=1, **FAST)  # type: ignore[arg-type]
+        async with ConsumerGroup(
+            client, "jobs", "g", handler=handle, prefix=key_prefix, policy=policy
+        ) as group:
+            await wait_until(lambda: group.stats.acked == 19)
+            await wait_until(lambda: group.stats.dead_lettered == 1)
+            info = await group.info()
+            [letter] = await group.dead_letters()
+    finally:
+        await client.aclose()
+    assert sorted((m.id for m in seen), key=by_id) == ids
+    assert info.pending == 0
+    assert info.length == 20
+    assert letter.message_id == ids[5]
+    assert letter.error == "KeyError: 'five'"
