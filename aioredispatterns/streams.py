@@ -26,6 +26,7 @@ Keys: the stream is ``<prefix>:stream:{<name>}`` and its dead-letter stream
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -398,17 +399,24 @@ class GroupInfo:
     dead_letters: int
 
 
-@dataclass
 class _Counters:
-    processed: int = 0
-    failed: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    claimed: int = 0
-    acked: int = 0
-    recreated: int = 0
-    consumers_removed: int = 0
-    read_errors: int = 0
+    """The live, mutable counterparts of the GroupStats counters."""
+
+    __slots__ = tuple(f.name for f in dataclasses.fields(GroupStats) if f.name != "in_flight")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    processed: int
+    failed: int
+    retried: int
+    dead_lettered: int
+    claimed: int
+    acked: int
+    recreated: int
+    consumers_removed: int
+    read_errors: int
 
 
 def _default_consumer_name() -> str:
@@ -512,19 +520,8 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
     @property
     def stats(self) -> GroupStats:
         """A snapshot of this consumer's counters."""
-        c = self._counts
-        return GroupStats(
-            processed=c.processed,
-            failed=c.failed,
-            retried=c.retried,
-            dead_lettered=c.dead_lettered,
-            claimed=c.claimed,
-            acked=c.acked,
-            recreated=c.recreated,
-            consumers_removed=c.consumers_removed,
-            read_errors=c.read_errors,
-            in_flight=self._in_flight,
-        )
+        counts = {name: getattr(self._counts, name) for name in _Counters.__slots__}
+        return GroupStats(**counts, in_flight=self._in_flight)
 
     def ack(self, *messages: StreamMessage | str) -> None:
         """Acknowledge messages (or ids): queued and sent in the next batched XACK.
