@@ -558,6 +558,10 @@ async def test_worker_killed_mid_batch_loses_nothing(
     assert len(processed_b) == len(set(processed_b))
     duplicates = set(processed_a) & set(processed_b)
     assert duplicates <= in_flight_of_a  # only what the killed worker had in flight
+    print(
+        f"killed worker: {len(processed_a)} handled, {len(in_flight_of_a)} in flight; "
+        f"survivor: {len(processed_b)} handled, {len(duplicates)} duplicates"
+    )
 
 
 async def _list_at_least(client: Redis, key: str, count: int) -> bool:
@@ -566,28 +570,6 @@ async def _list_at_least(client: Redis, key: str, count: int) -> bool:
 
 async def _no_pending(group: ConsumerGroup) -> bool:
     return (await group.info()).pending == 0
-
-
-@pytest.mark.cluster
-async def test_consumer_group_on_a_cluster(cluster_client: Any, key_prefix: str) -> None:
-    producer = StreamProducer(cluster_client, "jobs", prefix=key_prefix)
-    ids = await producer.add_many({"n": n} for n in range(100))
-    seen: list[str] = []
-
-    async def handle(message: StreamMessage) -> None:
-        seen.append(message.id)
-        if message.fields["n"] == 3:
-            raise RuntimeError("poison")
-
-    policy = ConsumerPolicy(max_deliveries=2, **FAST)  # type: ignore[arg-type]
-    async with ConsumerGroup(
-        cluster_client, "jobs", "g", handler=handle, prefix=key_prefix, policy=policy
-    ) as group:
-        await wait_until(lambda: group.stats.dead_lettered == 1)
-        await wait_until(lambda: group.stats.acked == 99)
-        [letter] = await group.dead_letters()
-    assert set(seen) == set(ids)
-    assert letter.message_id == ids[3]
 
 
 async def test_stopping_while_messages_stream_in_loses_nothing(
@@ -617,30 +599,40 @@ async def test_stopping_while_messages_stream_in_loses_nothing(
         await wait_until(lambda: _no_pending(group))
 
 
-async def test_works_over_resp3(redis_url: str, redis_client: Redis, key_prefix: str) -> None:
+async def flow_with_one_poison(client: Any, key_prefix: str, total: int, poison: int) -> None:
+    """Produce ``total`` messages, fail message ``poison`` always; check where all land."""
+    producer = StreamProducer(client, "jobs", prefix=key_prefix)
+    ids = await producer.add_many({"n": n} for n in range(total))
+    seen: list[StreamMessage] = []
+
+    async def handle(message: StreamMessage) -> None:
+        seen.append(message)
+        if message.fields["n"] == poison:
+            raise KeyError("poison")
+
+    policy = ConsumerPolicy(max_deliveries=2, **FAST)  # type: ignore[arg-type]
+    async with ConsumerGroup(
+        client, "jobs", "g", handler=handle, prefix=key_prefix, policy=policy
+    ) as group:
+        await wait_until(lambda: group.stats.acked == total - 1)
+        await wait_until(lambda: group.stats.dead_lettered == 1)
+        info = await group.info()
+        [letter] = await group.dead_letters()
+    assert {m.id for m in seen} == set(ids)
+    assert info.pending == 0
+    assert info.length == total
+    assert letter.message_id == ids[poison]
+    assert letter.error == "KeyError: 'poison'"
+
+
+@pytest.mark.cluster
+async def test_consumer_group_on_a_cluster(cluster_client: Any, key_prefix: str) -> None:
+    await flow_with_one_poison(cluster_client, key_prefix, 100, 3)
+
+
+async def test_works_over_resp3(redis_url: str, key_prefix: str) -> None:
     client = connect(redis_url, protocol=3)
     try:
-        producer = StreamProducer(client, "jobs", prefix=key_prefix)
-        ids = await producer.add_many({"n": n} for n in range(20))
-        seen: list[StreamMessage] = []
-
-        async def handle(message: StreamMessage) -> None:
-            seen.append(message)
-            if message.fields["n"] == 5:
-                raise KeyError("five")
-
-        policy = ConsumerPolicy(max_deliveries=1, **FAST)  # type: ignore[arg-type]
-        async with ConsumerGroup(
-            client, "jobs", "g", handler=handle, prefix=key_prefix, policy=policy
-        ) as group:
-            await wait_until(lambda: group.stats.acked == 19)
-            await wait_until(lambda: group.stats.dead_lettered == 1)
-            info = await group.info()
-            [letter] = await group.dead_letters()
+        await flow_with_one_poison(client, key_prefix, 20, 5)
     finally:
         await client.aclose()
-    assert sorted((m.id for m in seen), key=by_id) == ids
-    assert info.pending == 0
-    assert info.length == 20
-    assert letter.message_id == ids[5]
-    assert letter.error == "KeyError: 'five'"
