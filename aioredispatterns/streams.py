@@ -538,11 +538,27 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
             self._acks.append(message.id if isinstance(message, StreamMessage) else message)
         self._ack_wanted.set()
 
+    async def reject(self, message: StreamMessage, error: Exception) -> None:
+        """Report that processing ``message`` failed (for :meth:`messages` loops).
+
+        Below ``max_deliveries`` the message stays pending and is retried after
+        ``claim_idle``; on its last allowed delivery it moves to the dead-letter stream
+        with ``error``, which also acknowledges it. Counted as ``failed``.
+
+        Cancellation: the move to the dead-letter stream is one script: it happened
+        entirely or not at all; if not, the reclaim loop dead-letters it later.
+        """
+        if not self._running:
+            raise StreamError("reject() needs the group running (inside its async with)")
+        self._counts.failed += 1
+        await self._failed(message, error)
+
     def messages(self) -> AsyncIterator[StreamMessage]:
         """Iterate the messages delivered to this consumer (when there is no handler).
 
-        Acknowledge each with :meth:`ack` once processed; an unacknowledged message stays
-        pending and is delivered again (here or elsewhere) after ``claim_idle``. The
+        Acknowledge each with :meth:`ack` once processed, or :meth:`reject` it; an
+        unacknowledged message stays pending and is delivered again (here or elsewhere)
+        after ``claim_idle``. The
         iteration ends when the group shuts down. Backpressure: reading pauses while
         ``max_in_flight`` messages wait to be taken from this iterator.
 

@@ -194,6 +194,27 @@ async def test_messages_iterator_with_explicit_ack(redis_client: Redis, key_pref
         group.ack(ids[1])  # no longer running
 
 
+async def test_rejected_message_is_retried_then_dead_lettered(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    [message_id] = await produce(redis_client, key_prefix, 1)
+    deliveries: list[int] = []
+    policy = ConsumerPolicy(max_deliveries=2, **FAST)  # type: ignore[arg-type]
+    async with ConsumerGroup(redis_client, "jobs", "g", prefix=key_prefix, policy=policy) as group:
+        async for message in group.messages():
+            deliveries.append(message.deliveries)
+            await group.reject(message, ValueError("bad payload"))
+            if message.deliveries == 2:
+                break
+        [letter] = await group.dead_letters()
+        assert group.stats.failed == 2
+        assert group.stats.dead_lettered == 1
+    assert deliveries == [1, 2]
+    assert letter.message_id == message_id
+    assert letter.error == "ValueError: bad payload"
+    assert await pending_ids(redis_client, group.key, "g") == set()
+
+
 async def test_messages_needs_a_group_without_handler(redis_client: Redis, key_prefix: str) -> None:
     async def handle(message: StreamMessage) -> None:
         return None
