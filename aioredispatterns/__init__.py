@@ -27,6 +27,17 @@ from .serializers import (
     RawSerializer,
     Serializer,
 )
+from .streams import (
+    ConsumerGroup,
+    ConsumerPolicy,
+    DeadLetter,
+    GroupInfo,
+    GroupStats,
+    StreamError,
+    StreamMessage,
+    StreamProducer,
+    StreamRetention,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -35,6 +46,11 @@ __all__ = (
     "CommandTimeout",
     "ConfigurationError",
     "ConnectionFailed",
+    "ConsumerGroup",
+    "ConsumerPolicy",
+    "DeadLetter",
+    "GroupInfo",
+    "GroupStats",
     "InvalidKeyError",
     "JsonSerializer",
     "MsgpackSerializer",
@@ -47,6 +63,10 @@ __all__ = (
     "SerializationError",
     "Serializer",
     "ServerInfo",
+    "StreamError",
+    "StreamMessage",
+    "StreamProducer",
+    "StreamRetention",
     "UnsupportedServerError",
     "__version__",
     "connect",

@@ -153,6 +153,11 @@ class AutoPipeline:
         self._connection_errors = 0
 
     @property
+    def kept_connection(self) -> AbstractConnection | None:
+        """The pooled connection this pipeline keeps checked out (None before first use)."""
+        return self._connection
+
+    @property
     def stats(self) -> PipelineStats:
         return PipelineStats(
             batches=self._batches,

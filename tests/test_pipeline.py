@@ -25,7 +25,7 @@ from aioredispatterns import (
 )
 from aioredispatterns._commands import execute, execute_blocking
 from aioredispatterns._scripts import Script
-from aioredispatterns.testing import RedisServer
+from aioredispatterns.testing import RedisServer, borrowed_connections
 
 INCR_AND_GET = Script(
     name="test_incr_and_get",
@@ -265,9 +265,9 @@ async def test_no_connection_leaks_after_cancellations(redis_url: str) -> None:
                 for index in range(500):
                     tg.start_soon(execute, client, "SET", f"leak:{index}", index)
         await execute(client, "PING")
-        pool = client.connection_pool
         # One connection carries the pipeline; nothing else is held.
-        assert len(pool._in_use_connections) <= 1  # type: ignore[attr-defined]
+        assert borrowed_connections(client) == []
+        assert len(client.connection_pool._in_use_connections) == 1  # type: ignore[attr-defined]
     finally:
         await client.aclose()
 
