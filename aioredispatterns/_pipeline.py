@@ -344,9 +344,12 @@ class AutoPipeline:
                 except rex.ResponseError as exc:
                     self._in_flight.popleft()
                     _settle(call, exc=exc)
-                except BaseException as exc:
+                except Exception as exc:
                     await self._fail_connection(connection, exc)
                     break
+                except BaseException as exc:  # KeyboardInterrupt and the like
+                    await self._fail_connection(connection, exc)
+                    raise
                 else:
                     self._in_flight.popleft()
                     _settle(call, response=response)
