@@ -327,7 +327,7 @@ async def test_backpressure_bounds_messages_in_flight(redis_client: Redis, key_p
     async with ConsumerGroup(
         redis_client, "jobs", "g", handler=handle, prefix=key_prefix, policy=policy
     ) as group:
-        await wait_until(lambda: started == 4)
+        await wait_until(lambda: started == 4 and group.stats.in_flight == 10)
         await anyio.sleep(0.3)  # give the reader every chance to overrun the bound
         info = await group.info()
         assert started == 4  # concurrency bound
@@ -442,9 +442,11 @@ async def test_drain_timeout_cancels_slow_handlers_and_leaves_them_pending(
 ) -> None:
     ids = await produce(redis_client, key_prefix, 5)
     cancelled = 0
+    running = 0
 
     async def handle(message: StreamMessage) -> None:
-        nonlocal cancelled
+        nonlocal cancelled, running
+        running += 1
         try:
             await anyio.sleep_forever()
         except anyio.get_cancelled_exc_class():
@@ -456,7 +458,8 @@ async def test_drain_timeout_cancels_slow_handlers_and_leaves_them_pending(
     async with ConsumerGroup(
         redis_client, "jobs", "g", handler=handle, prefix=key_prefix, policy=policy
     ) as group:
-        await wait_until(lambda: group.stats.in_flight == 5)
+        # in_flight counts dispatched messages; wait until all five handlers really run.
+        await wait_until(lambda: group.stats.in_flight == 5 and running == 5)
     assert anyio.current_time() - started < 3
     assert cancelled == 5
     assert group.stats.acked == 0
