@@ -77,6 +77,7 @@ _NO_VERSION: Final = b""
 
 _FILL = Script.load("cache_fill")
 _ACQUIRE = Script.load("cache_acquire")
+_WARM = Script.load("cache_warm")
 
 _PIPELINE_CHUNK: Final = 1000
 
@@ -575,7 +576,8 @@ class Cache(AsyncContextManagerMixin):
     ) -> int:
         """Store many values in pipelined batches (cluster-safe); returns how many were written.
 
-        With ``only_missing=True`` existing entries are kept (``SET NX``). Oversize values
+        With ``only_missing=True`` live entries are kept (invalidated ones are written).
+        Oversize values
         raise (before anything is written) or are skipped, per the policy.
 
         Cancellation: some batches may have been written, others not.
@@ -588,11 +590,14 @@ class Cache(AsyncContextManagerMixin):
             if encoded is None:
                 continue
             blob, px = encoded
-            command: tuple[Any, ...] = ("SET", self._keys(key).base, blob)
-            if px:
-                command += ("PX", px)
+            rkey = self._keys(key).base
+            command: tuple[Any, ...]
             if only_missing:
-                command += ("NX",)
+                # EVAL, not EVALSHA: a pipeline cannot fall back on NOSCRIPT per command,
+                # and warming is a cold-start operation where the script text is cheap.
+                command = ("EVAL", _WARM.source, 1, rkey, blob, px)
+            else:
+                command = ("SET", rkey, blob) + (("PX", px) if px else ())
             commands.append(command)
         replies = await self._pipeline(commands)
         return sum(1 for reply in replies if reply)
@@ -605,7 +610,8 @@ class Cache(AsyncContextManagerMixin):
     ) -> int:
         """Pre-warm a cold cache: store the values whose keys hold nothing yet.
 
-        Entries already there (fresher than what a warm-up computed) are kept. Returns
+        Live entries (fresher than what a warm-up computed) are kept; invalidated ones
+        are written. Returns
         how many were written. Same batching, limits and cancellation as :meth:`set_many`.
         """
         return await self.set_many(items, ttl=ttl, only_missing=True)
