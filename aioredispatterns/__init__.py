@@ -6,6 +6,15 @@ underscore is private.
 
 from ._capabilities import ServerInfo, server_info
 from ._connection import connect
+from .cache import (
+    Cache,
+    CacheClosed,
+    CachedFunction,
+    CacheError,
+    CachePolicy,
+    CacheStats,
+    ValueTooLarge,
+)
 from .errors import (
     CommandError,
     CommandTimeout,
@@ -29,6 +38,12 @@ from .serializers import (
 __version__ = "0.1.0.dev0"
 
 __all__ = (
+    "Cache",
+    "CacheClosed",
+    "CacheError",
+    "CachePolicy",
+    "CacheStats",
+    "CachedFunction",
     "CommandError",
     "CommandTimeout",
     "ConfigurationError",
@@ -45,6 +60,7 @@ __all__ = (
     "Serializer",
     "ServerInfo",
     "UnsupportedServerError",
+    "ValueTooLarge",
     "__version__",
     "connect",
     "server_info",

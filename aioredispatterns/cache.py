@@ -35,6 +35,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
+from types import TracebackType
 from typing import Any, Final, Generic, Literal, ParamSpec, Self, TypeVar
 
 import anyio
@@ -74,6 +75,7 @@ _VALUE: Final = 0xA0
 _NEGATIVE: Final = 0xA1
 _TOMBSTONE: Final = 0xA2  # also hard-coded in cache_acquire.lua
 _NO_VERSION: Final = b""
+_TOMBSTONE_SLACK_MS: Final = 5000
 
 _FILL = Script.load("cache_fill")
 _ACQUIRE = Script.load("cache_acquire")
@@ -226,6 +228,8 @@ class CacheStats:
         oversize_skips: values not stored because they were too large.
         lease_waits: loads this process waited on in another process (distributed).
         lease_timeouts: waits that ran out and loaded here instead.
+        shared_reads: reads answered by another reader's GET of the same key that was
+            already in flight (a hot key costs one round trip per batch of readers).
     """
 
     hits: int = 0
@@ -241,6 +245,7 @@ class CacheStats:
     oversize_skips: int = 0
     lease_waits: int = 0
     lease_timeouts: int = 0
+    shared_reads: int = 0
 
 
 @dataclass(slots=True)
@@ -258,6 +263,7 @@ class _Counters:
     oversize_skips: int = 0
     lease_waits: int = 0
     lease_timeouts: int = 0
+    shared_reads: int = 0
 
     def snapshot(self) -> CacheStats:
         return CacheStats(**{f.name: getattr(self, f.name) for f in fields(self)})
@@ -266,13 +272,25 @@ class _Counters:
 class _Flight:
     """One load in flight for one key: what its waiters await."""
 
-    __slots__ = ("done", "error", "refresh", "value")
+    __slots__ = ("done", "error", "refresh", "traceback", "value")
 
     def __init__(self, *, refresh: bool) -> None:
         self.done = anyio.Event()
         self.value: Any = None
         self.error: BaseException | None = None
+        self.traceback: TracebackType | None = None
         self.refresh = refresh
+
+
+class _Read:
+    """One GET in flight for one key, shared by the readers that arrive meanwhile."""
+
+    __slots__ = ("done", "ok", "raw")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.raw: bytes | None = None
+        self.ok = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +377,7 @@ class Cache(AsyncContextManagerMixin):
         )
         self._prefix = check_prefix(prefix)
         self._flights: dict[KeyT, _Flight] = {}
+        self._reads: dict[KeyT, _Read] = {}
         self._refresh_blocked: dict[KeyT, float] = {}
         self._counters = _Counters()
         self._tg: TaskGroup | None = None
@@ -477,7 +496,7 @@ class Cache(AsyncContextManagerMixin):
             self._counters.coalesced += 1
             return await self._wait(flight)  # type: ignore[no-any-return]
         seen_at = anyio.current_time()
-        raw = await execute(self._client, "GET", rkey)
+        raw = await self._get(rkey)
         if raw is not None:
             entry = _decode_entry(raw)
             if entry is not None and entry.kind != _TOMBSTONE:
@@ -505,13 +524,38 @@ class Cache(AsyncContextManagerMixin):
         self._counters.misses += 1
         return await self._join(ks, seen, seen_at, loader, ttl)  # type: ignore[no-any-return]
 
+    async def _get(self, rkey: KeyT) -> bytes | None:
+        """GET ``rkey``; readers arriving while a GET of it is in flight share its reply.
+
+        A hot key then costs one round trip per batch of readers. A reader that joins
+        is never hurt by the sender's cancellation or error: it sends its own GET.
+        Writes from this process (set, invalidate, fills) detach the shared GET first,
+        so a read that begins after a write returns never gets a reply older than it.
+        """
+        shared = self._reads.get(rkey)
+        if shared is not None:
+            await shared.done.wait()
+            if shared.ok:
+                self._counters.shared_reads += 1
+                return shared.raw
+            return await execute(self._client, "GET", rkey)  # type: ignore[no-any-return]
+        shared = self._reads[rkey] = _Read()
+        try:
+            shared.raw = await execute(self._client, "GET", rkey)
+            shared.ok = True
+            return shared.raw
+        finally:
+            if self._reads.get(rkey) is shared:
+                del self._reads[rkey]
+            shared.done.set()
+
     async def get(self, key: str | bytes, default: Any = None) -> Any:
         """The cached value of ``key`` (fresh or within ``stale_ttl``), else ``default``.
 
         A cached "not found" also returns ``default``. Never loads, never refreshes.
         Cancellation: nothing to undo (a read).
         """
-        raw = await execute(self._client, "GET", self._keys(key).base)
+        raw = await self._get(self._keys(key).base)
         return self._value_of(raw, default)
 
     def _value_of(self, raw: bytes | None, default: Any) -> Any:
@@ -563,6 +607,7 @@ class Cache(AsyncContextManagerMixin):
         if encoded is None:
             return False
         blob, px = encoded
+        self._reads.pop(ks.base, None)
         args: tuple[Any, ...] = ("SET", ks.base, blob) + (("PX", px) if px else ())
         await execute(self._client, *args)
         return True
@@ -591,6 +636,7 @@ class Cache(AsyncContextManagerMixin):
                 continue
             blob, px = encoded
             rkey = self._keys(key).base
+            self._reads.pop(rkey, None)
             command: tuple[Any, ...]
             if only_missing:
                 # EVAL, not EVALSHA: a pipeline cannot fall back on NOSCRIPT per command,
@@ -619,7 +665,7 @@ class Cache(AsyncContextManagerMixin):
     async def invalidate(self, *keys: str | bytes) -> None:
         """Drop ``keys`` from the cache (call it after writing the source of truth).
 
-        Each entry is replaced by a small tombstone that lives ``max_load_time``, so a
+        Each entry is replaced by a small tombstone that lives ``max_load_time`` (+5 s), so a
         load that began before this call cannot write its older value afterwards; the
         next read loads afresh.
 
@@ -627,8 +673,11 @@ class Cache(AsyncContextManagerMixin):
         """
         if not keys:
             return
-        ttl_ms = int(self.policy.max_load_time * 1000)
+        # The slack covers the fill's trip to Redis after the client-side time check.
+        ttl_ms = int(self.policy.max_load_time * 1000) + _TOMBSTONE_SLACK_MS
         commands = [("SET", self._keys(k).base, self._tombstone(), "PX", ttl_ms) for k in keys]
+        for command in commands:
+            self._reads.pop(command[1], None)
         if len(commands) == 1:
             await execute(self._client, *commands[0])
         else:
@@ -656,7 +705,9 @@ class Cache(AsyncContextManagerMixin):
         # Only this waiter is cancelled here; the flight runs in the cache's task group.
         await flight.done.wait()
         if flight.error is not None:
-            raise flight.error
+            # Every waiter raises the same exception object: reset its traceback each
+            # time so it does not grow by one chain per waiter.
+            raise flight.error.with_traceback(flight.traceback)
         return flight.value
 
     async def _join(
@@ -734,7 +785,7 @@ class Cache(AsyncContextManagerMixin):
             else:
                 flight.value = await self._load_and_fill(ks, seen, seen_at, loader, seconds, "")
         except Exception as exc:
-            flight.error = exc
+            flight.error, flight.traceback = exc, exc.__traceback__
             if stale is not None:
                 # Stale-if-error: the stale entry stays in Redis until its stale TTL ends.
                 self._counters.stale_if_error += 1
@@ -788,6 +839,7 @@ class Cache(AsyncContextManagerMixin):
                 self._counters.fills_refused += 1
                 return value
             blob, px = encoded
+            self._reads.pop(ks.base, None)
             written = await _FILL.run(
                 self._client,
                 [ks.base, ks.key("lease"), ks.key("wake")],

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from redis.asyncio import Redis
 
@@ -524,3 +525,53 @@ async def test_hit_path_is_one_get(redis_client: Redis, key_prefix: str) -> None
         after = (await redis_client.info("commandstats"))["cmdstat_get"]["calls"]
         assert after - before == 10
         assert cache.stats().hits == 10
+
+
+async def test_concurrent_hits_on_a_hot_key_share_one_get(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    async with Cache(redis_client, ttl=60, prefix=key_prefix) as cache:
+        await cache.set("hot", {"v": 1})
+        before = (await redis_client.info("commandstats")).get("cmdstat_get", {}).get("calls", 0)
+        results: list[Any] = []
+
+        async def read() -> None:
+            results.append(await cache.get_or_load("hot", Counter("unused")))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(100):
+                tg.start_soon(read)
+        after = (await redis_client.info("commandstats"))["cmdstat_get"]["calls"]
+        assert results == [{"v": 1}] * 100
+        assert after - before < 100
+        assert cache.stats().shared_reads == 100 - (after - before)
+        # A read that starts after a write returns sees the write.
+        await cache.set("hot", {"v": 2})
+        assert await cache.get_or_load("hot", Counter("unused")) == {"v": 2}
+
+
+async def test_cancelled_reader_does_not_fail_the_readers_sharing_its_get(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    async with Cache(redis_client, ttl=60, prefix=key_prefix) as cache:
+        await cache.set("k", "v")
+        results: list[str] = []
+        async with anyio.create_task_group() as tg:
+            leader = anyio.CancelScope()
+
+            async def lead() -> None:
+                with leader:
+                    await cache.get("k")
+
+            async def join() -> None:
+                results.append(await cache.get("k"))
+
+            tg.start_soon(lead)
+            await anyio.lowlevel.checkpoint()  # the leader's GET is on its way
+            for _ in range(5):
+                tg.start_soon(join)
+            await anyio.lowlevel.checkpoint()
+            leader.cancel()
+        assert leader.cancelled_caught  # cancelled while its GET was in flight
+        assert results == ["v"] * 5
+        assert cache._reads == {}
