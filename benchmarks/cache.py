@@ -24,6 +24,7 @@ import itertools
 import json
 import subprocess
 import sys
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -38,6 +39,13 @@ from aioredispatterns.serializers import default_serializer
 
 VALUE = {"id": 42, "name": "Ada Lovelace", "email": "ada@example.com", "roles": ["admin"] * 4}
 KEY = "bench-user-42"
+
+
+async def _close_quietly(cache: Any) -> None:
+    # aiocache 0.12 and cashews 7 close their redis-py clients with the deprecated close().
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        await cache.close()
 
 
 def _has(module: str) -> bool:
@@ -106,7 +114,7 @@ def _cashews(concurrency: int) -> Any:
         try:
             yield load
         finally:
-            await cache.close()
+            await _close_quietly(cache)
 
     return setup
 
@@ -137,7 +145,7 @@ def _aiocache(concurrency: int) -> Any:
         try:
             yield load
         finally:
-            await decorator.cache.close()
+            await _close_quietly(decorator.cache)
 
     return setup
 
@@ -211,7 +219,7 @@ async def _stampede_worker(library: str, url: str, prefix: str, callers: int) ->
             try:
                 await go(wrapped)
             finally:
-                await cache.close()
+                await _close_quietly(cache)
         else:
             from urllib.parse import urlsplit
 
@@ -231,7 +239,7 @@ async def _stampede_worker(library: str, url: str, prefix: str, callers: int) ->
             try:
                 await go(decorator(load))
             finally:
-                await decorator.cache.close()
+                await _close_quietly(decorator.cache)
     finally:
         await counter_client.aclose()
 
@@ -291,7 +299,7 @@ async def _bytes_per_entry(url: str) -> list[tuple[str, int]]:
             cashews = CashewsCache()
             cashews.setup(url)
             await cashews.set("mem:cashews:{entry}", value, expire=300)
-            await cashews.close()
+            await _close_quietly(cashews)
             rows.append(("cashews", await client.memory_usage("mem:cashews:{entry}")))
         if _has("aiocache"):
             from urllib.parse import urlsplit
@@ -301,7 +309,7 @@ async def _bytes_per_entry(url: str) -> list[tuple[str, int]]:
             parts = urlsplit(url)
             aiocache = RedisCache(endpoint=parts.hostname, port=parts.port)
             await aiocache.set("mem:aiocach:{entry}", value, ttl=300)
-            await aiocache.close()
+            await _close_quietly(aiocache)
             rows.append(("aiocache", await client.memory_usage("mem:aiocach:{entry}")))
     finally:
         await client.aclose()
