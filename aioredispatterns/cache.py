@@ -25,6 +25,7 @@ by the serialized value. Redis's own TTL is the end of the stale window.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
@@ -34,7 +35,7 @@ import struct
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Generic, Literal, ParamSpec, Self, TypeVar
 
@@ -82,6 +83,7 @@ _ACQUIRE = Script.load("cache_acquire")
 _WARM = Script.load("cache_warm")
 
 _PIPELINE_CHUNK: Final = 1000
+_KEY_CACHE_SIZE: Final = 4096
 
 
 class CacheError(RedisPatternsError):
@@ -209,9 +211,11 @@ class CachePolicy:
             raise ConfigurationError("lease_ttl must be shorter than the entry's lifetime")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CacheStats:
     """Counters of one :class:`Cache` in this process since it was created.
+
+    :meth:`Cache.stats` returns a copy: later activity does not change it.
 
     Attributes:
         hits: reads answered from Redis with a fresh value (or a cached "not found").
@@ -248,27 +252,6 @@ class CacheStats:
     shared_reads: int = 0
 
 
-@dataclass(slots=True)
-class _Counters:
-    hits: int = 0
-    misses: int = 0
-    loads: int = 0
-    coalesced: int = 0
-    stale_served: int = 0
-    refreshes: int = 0
-    early_refreshes: int = 0
-    load_errors: int = 0
-    stale_if_error: int = 0
-    fills_refused: int = 0
-    oversize_skips: int = 0
-    lease_waits: int = 0
-    lease_timeouts: int = 0
-    shared_reads: int = 0
-
-    def snapshot(self) -> CacheStats:
-        return CacheStats(**{f.name: getattr(self, f.name) for f in fields(self)})
-
-
 class _Flight:
     """One load in flight for one key: what its waiters await."""
 
@@ -288,7 +271,7 @@ class _Read:
     __slots__ = ("done", "ok", "raw")
 
     def __init__(self) -> None:
-        self.done = anyio.Event()
+        self.done: anyio.Event | None = None  # made by the first reader that joins
         self.raw: bytes | None = None
         self.ok = False
 
@@ -378,8 +361,9 @@ class Cache(AsyncContextManagerMixin):
         self._prefix = check_prefix(prefix)
         self._flights: dict[KeyT, _Flight] = {}
         self._reads: dict[KeyT, _Read] = {}
+        self._key_cache: dict[str | bytes, KeySpace] = {}
         self._refresh_blocked: dict[KeyT, float] = {}
-        self._counters = _Counters()
+        self._counters = CacheStats()
         self._tg: TaskGroup | None = None
         self._clock_offset_ms = 0.0
 
@@ -419,7 +403,14 @@ class Cache(AsyncContextManagerMixin):
     # ----------------------------------------------------------------- keys, encoding
 
     def _keys(self, key: str | bytes) -> KeySpace:
-        return keyspace(self._prefix, "cache", key)
+        # Building and validating a key space costs about a microsecond: remember the
+        # recent ones (bounded; cleared wholesale when full, which is cheap and rare).
+        ks = self._key_cache.get(key)
+        if ks is None:
+            if len(self._key_cache) >= _KEY_CACHE_SIZE:
+                self._key_cache.clear()
+            ks = self._key_cache[key] = keyspace(self._prefix, "cache", key)
+        return ks
 
     def _encode(
         self, key: object, value: Any, *, seconds: float | None, delta_ms: int, negative: bool
@@ -495,7 +486,7 @@ class Cache(AsyncContextManagerMixin):
             self._counters.misses += 1
             self._counters.coalesced += 1
             return await self._wait(flight)  # type: ignore[no-any-return]
-        seen_at = anyio.current_time()
+        seen_at = time.monotonic()  # before the GET: a fill's age counts from here
         raw = await self._get(rkey)
         if raw is not None:
             entry = _decode_entry(raw)
@@ -534,6 +525,8 @@ class Cache(AsyncContextManagerMixin):
         """
         shared = self._reads.get(rkey)
         if shared is not None:
+            if shared.done is None:
+                shared.done = anyio.Event()
             await shared.done.wait()
             if shared.ok:
                 self._counters.shared_reads += 1
@@ -547,7 +540,8 @@ class Cache(AsyncContextManagerMixin):
         finally:
             if self._reads.get(rkey) is shared:
                 del self._reads[rkey]
-            shared.done.set()
+            if shared.done is not None:
+                shared.done.set()
 
     async def get(self, key: str | bytes, default: Any = None) -> Any:
         """The cached value of ``key`` (fresh or within ``stale_ttl``), else ``default``.
@@ -697,7 +691,7 @@ class Cache(AsyncContextManagerMixin):
 
     def stats(self) -> CacheStats:
         """A snapshot of this cache's counters (this process only)."""
-        return self._counters.snapshot()
+        return copy.copy(self._counters)
 
     # ----------------------------------------------------------------- single flight
 
@@ -760,7 +754,7 @@ class Cache(AsyncContextManagerMixin):
             ks,
             flight,
             entry.version,
-            anyio.current_time(),
+            time.monotonic(),
             loader,
             seconds,
             entry,
@@ -814,13 +808,13 @@ class Cache(AsyncContextManagerMixin):
         """
         filled = False
         try:
-            started = anyio.current_time()
+            started = time.monotonic()
             try:
                 value = await loader()
             except Exception:
                 self._counters.load_errors += 1
                 raise
-            finished = anyio.current_time()
+            finished = time.monotonic()
             self._counters.loads += 1
             negative = value is None
             if negative and self.policy.negative_ttl is None:
@@ -888,9 +882,7 @@ class Cache(AsyncContextManagerMixin):
             if status == 2:
                 entry = _decode_entry(data) if data else None
                 seen = entry.version if entry is not None else _NO_VERSION
-                return await self._load_and_fill(
-                    ks, seen, anyio.current_time(), loader, seconds, token
-                )
+                return await self._load_and_fill(ks, seen, time.monotonic(), loader, seconds, token)
             if not waited:
                 waited = True
                 self._counters.lease_waits += 1
