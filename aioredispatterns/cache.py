@@ -17,6 +17,8 @@ What it guarantees:
   while a slow loader was busy is never overwritten by that loader's older value.
 * **TTL on every entry**, shortened by up to ``jitter`` (a fraction) so keys written
   together do not expire together; ``ttl=None`` (never expire) must be asked for.
+* **Hot keys are cheap.** Readers of a key that arrive while a GET of it is in flight
+  share that GET's reply (never one sent before a write of this process returned).
 
 Stored form: one Redis string per entry, a 21-byte header (kind, 8-byte version, the
 "fresh until" time in server-clock milliseconds, the last load's duration in ms) followed
@@ -84,6 +86,7 @@ _WARM = Script.load("cache_warm")
 
 _PIPELINE_CHUNK: Final = 1000
 _KEY_CACHE_SIZE: Final = 4096
+_MAX_BLOCK: Final = 2.0
 
 
 class CacheError(RedisPatternsError):
@@ -890,8 +893,11 @@ class Cache(AsyncContextManagerMixin):
             if remaining <= 0:
                 self._counters.lease_timeouts += 1
                 break
-            # Sleep until the holder's fill wakes us, its lease runs out, or our wait ends.
-            block = max(0.01, min(remaining, int(data) / 1000 + 0.02 if int(data) > 0 else 0.05))
+            # Sleep until the holder's fill wakes us, its lease runs out, or our wait ends
+            # (in slices below any client's socket timeout: a cluster client reads a
+            # blocking reply under its socket timeout).
+            lease_left = int(data) / 1000 + 0.02 if int(data) > 0 else 0.05
+            block = max(0.01, min(remaining, lease_left, _MAX_BLOCK))
             await self._wait_for_wake(ks.key("wake"), block)
         return await self._load_and_fill(ks, seen, seen_at, loader, seconds, "")
 

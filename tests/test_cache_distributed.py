@@ -237,5 +237,42 @@ async def test_cluster_batches_and_distributed_loads(cluster_client: Any, key_pr
     assert calls == 1
 
 
+@pytest.mark.cluster
+async def test_cluster_waiter_is_woken_by_another_clients_fill(
+    redis_cluster: Any, key_prefix: str
+) -> None:
+    a, b = connect(redis_cluster.url), connect(redis_cluster.url)
+    gate = anyio.Event()
+
+    async def load_a() -> str:
+        await gate.wait()
+        return "from A"
+
+    async def load_b() -> str:
+        raise AssertionError("B must wait for A's load")
+
+    try:
+        async with (
+            Cache(a, ttl=60, distributed=True, prefix=key_prefix) as cache_a,
+            Cache(b, ttl=60, distributed=True, prefix=key_prefix) as cache_b,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(cache_a.get_or_load, "k", load_a)
+            await anyio.sleep(0.1)
+            got: list[str] = []
+
+            async def wait_b() -> None:
+                got.append(await cache_b.get_or_load("k", load_b))
+
+            tg.start_soon(wait_b)
+            await anyio.sleep(0.2)
+            gate.set()
+        assert got == ["from A"]
+        assert cache_b.stats().lease_waits == 1
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
 if __name__ == "__main__":
     anyio.run(_worker, sys.argv[1], sys.argv[2])
