@@ -365,14 +365,14 @@ async def test_stale_entries_expire_with_the_stale_ttl(
 async def test_xfetch_refreshes_before_expiry_under_steady_load(
     redis_client: Redis, key_prefix: str
 ) -> None:
-    # Loads take ~80 ms (delta), the entry is fresh 400 ms and has no stale window: a
+    # Loads take ~80 ms (delta), the entry is fresh 600 ms and has no stale window: a
     # reader after expiry would see a miss. XFetch must refresh early enough that no
     # reader ever does.
     loader = Counter("v", delay=0.08)
     async with Cache(
-        redis_client, ttl=0.4, jitter=0, early_refresh=2.0, prefix=key_prefix
+        redis_client, ttl=0.6, jitter=0, early_refresh=2.0, prefix=key_prefix
     ) as cache:
-        deadline = anyio.current_time() + 1.5
+        deadline = anyio.current_time() + 1.8
         while anyio.current_time() < deadline:
             assert await cache.get_or_load("k", loader) == "v"
             await anyio.sleep(0.005)

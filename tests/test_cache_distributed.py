@@ -130,7 +130,7 @@ async def test_waiters_in_other_processes_are_woken_by_the_fill(
             woken_after = time.perf_counter() - released
         assert got == ["from A"]
         assert b_calls == 0
-        assert woken_after < 0.5  # woken by the fill, not by the 10 s lease expiry
+        assert woken_after < 1.0  # woken by the fill, not by the 10 s lease expiry
         assert cache_b.stats().lease_waits == 1
     finally:
         await a.aclose()
@@ -157,7 +157,7 @@ async def test_a_dead_lease_holder_blocks_others_no_longer_than_its_lease(
         elapsed = time.perf_counter() - started
         assert cache.stats().lease_timeouts == 0  # the lease ran out; we took it
     assert calls == 1
-    assert 0.25 < elapsed < 1.0
+    assert 0.25 < elapsed < 2.0  # the 300 ms lease, not lease_ttl (5 s)
 
 
 async def test_the_wait_for_another_process_is_bounded(
