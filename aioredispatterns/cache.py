@@ -786,6 +786,8 @@ class Cache(AsyncContextManagerMixin):
             if stale is not None:
                 # Stale-if-error: the stale entry stays in Redis until its stale TTL ends.
                 self._counters.stale_if_error += 1
+                if len(self._refresh_blocked) >= _KEY_CACHE_SIZE:
+                    self._refresh_blocked.clear()  # bounded: forgetting only retries sooner
                 self._refresh_blocked[ks.base] = anyio.current_time() + self.policy.refresh_backoff
         except BaseException:
             flight.error = CacheClosed("the cache was closed while this load was in flight")
