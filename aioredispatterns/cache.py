@@ -27,6 +27,7 @@ by the serialized value. Redis's own TTL is the end of the stale window.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -237,6 +238,8 @@ class CacheStats:
         lease_timeouts: waits that ran out and loaded here instead.
         shared_reads: reads answered by another reader's GET of the same key that was
             already in flight (a hot key costs one round trip per batch of readers).
+        fill_errors: loaded values returned to their callers but not cached because
+            Redis failed during the fill.
     """
 
     hits: int = 0
@@ -253,6 +256,7 @@ class CacheStats:
     lease_waits: int = 0
     lease_timeouts: int = 0
     shared_reads: int = 0
+    fill_errors: int = 0
 
 
 class _Flight:
@@ -476,7 +480,9 @@ class Cache(AsyncContextManagerMixin):
         Raises:
             ValueTooLarge: the loaded value is above ``max_value_size`` (policy "raise").
             CacheClosed: the cache is not open, or closed during the load.
-            ConnectionFailed, CommandTimeout: Redis could not be reached.
+            ConnectionFailed, CommandTimeout: Redis could not be reached for the read
+                (a failure while filling after a successful load only counts in
+                ``fill_errors``: the loaded value is returned).
             Whatever ``loader`` raises.
 
         Cancellation: only this caller stops waiting; the load goes on for the others
@@ -839,18 +845,28 @@ class Cache(AsyncContextManagerMixin):
                 return value
             blob, px = encoded
             self._reads.pop(ks.base, None)
-            written = await _FILL.run(
-                self._client,
-                [ks.base, ks.key("lease"), ks.key("wake")],
-                [seen, blob, px, token, self._wake_ms()],
-            )
+            try:
+                written = await _FILL.run(
+                    self._client,
+                    [ks.base, ks.key("lease"), ks.key("wake")],
+                    [seen, blob, px, token, self._wake_ms()],
+                )
+            except RedisPatternsError:
+                # The value is good; only caching it failed. Callers get it, the next
+                # miss loads again, and a lease we held expires on its own.
+                self._counters.fill_errors += 1
+                filled = True
+                return value
             filled = True
             if not written:
                 self._counters.fills_refused += 1
             return value
         finally:
             if token and not filled:
-                with anyio.move_on_after(2.0, shield=True):
+                with (
+                    anyio.move_on_after(2.0, shield=True),
+                    contextlib.suppress(RedisPatternsError),  # the lease expires anyway
+                ):
                     await _FILL.run(
                         self._client,
                         [ks.base, ks.key("lease"), ks.key("wake")],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -11,8 +12,9 @@ import anyio.lowlevel
 import pytest
 from redis.asyncio import Redis
 
-from aioredispatterns import ConfigurationError, connect
+from aioredispatterns import ConfigurationError, ConnectionFailed, connect
 from aioredispatterns.cache import Cache, CacheClosed, ValueTooLarge
+from aioredispatterns.testing import RedisServer
 
 
 class Counter:
@@ -575,3 +577,34 @@ async def test_cancelled_reader_does_not_fail_the_readers_sharing_its_get(
         assert leader.cancelled_caught  # cancelled while its GET was in flight
         assert results == ["v"] * 5
         assert cache._reads == {}
+
+
+@pytest.fixture
+def own_server(redis_server: RedisServer) -> Iterator[RedisServer]:
+    """A server of the current kind that this test alone may kill and restart."""
+    if not redis_server.owned:
+        pytest.skip("kills a server: needs one this suite started")
+    with RedisServer(redis_server.binary, name=f"{redis_server.name}-cache") as server:
+        yield server
+
+
+async def test_redis_failing_during_the_fill_still_returns_the_value(
+    own_server: RedisServer,
+) -> None:
+    client = connect(own_server.url, retries=1, backoff_base=0.01, backoff_cap=0.02)
+
+    async def load_then_lose_redis() -> str:
+        own_server.kill()  # Redis dies while the loader works
+        return "loaded"
+
+    try:
+        async with Cache(client, ttl=60) as cache:
+            assert await cache.get_or_load("k", load_then_lose_redis) == "loaded"
+            assert cache.stats().fill_errors == 1
+            assert cache._flights == {}
+            with pytest.raises(ConnectionFailed):  # reads do fail while Redis is down
+                await cache.get_or_load("k", Counter())
+            own_server.restart()
+            assert await cache.get_or_load("k", Counter("again")) == "again"
+    finally:
+        await client.aclose()
