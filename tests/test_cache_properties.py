@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from redis.asyncio import Redis
 
-from aioredispatterns import MsgpackSerializer
+from aioredispatterns import MsgpackSerializer, connect
 from aioredispatterns._cache_keys import call_key, encode_value
 from aioredispatterns.cache import Cache
 
@@ -129,3 +132,76 @@ async def test_msgpack_values_round_trip_through_redis(redis_client: Redis, valu
 
 async def _unreachable() -> Any:
     raise AssertionError("the value was cached: the loader must not run")
+
+
+KEYS = st.sampled_from(["a", "b", "c{x}", "d:1"])
+SMALL_INTS = st.integers(min_value=-(2**62), max_value=2**62)
+VALUES = SMALL_INTS | st.text(max_size=6) | st.lists(SMALL_INTS, max_size=3)
+
+
+def test_cache_matches_a_dict_model(redis_url: str) -> None:
+    """Without expiry, the cache behaves like a dict with write-through and invalidation."""
+
+    class CacheModel(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.runner = asyncio.Runner()
+            self.client = connect(redis_url)
+            self.prefix = f"m{uuid.uuid4().hex[:10]}"  # fresh key space per example
+            self.model: dict[str, Any] = {}
+
+        def run(self, operation: Callable[[Cache], Awaitable[Any]]) -> Any:
+            async def with_cache() -> Any:
+                async with Cache(self.client, ttl=600, prefix=self.prefix) as cache:
+                    return await operation(cache)
+
+            return self.runner.run(with_cache())
+
+        @rule(key=KEYS, value=VALUES)
+        def set(self, key: str, value: Any) -> None:
+            self.run(lambda cache: cache.set(key, value))
+            self.model[key] = value
+
+        @rule(keys=st.lists(KEYS, max_size=3))
+        def invalidate(self, keys: list[str]) -> None:
+            self.run(lambda cache: cache.invalidate(*keys))
+            for key in keys:
+                self.model.pop(key, None)
+
+        @rule(key=KEYS, value=VALUES)
+        def get_or_load(self, key: str, value: Any) -> None:
+            calls: list[str] = []
+
+            async def loader() -> Any:
+                calls.append(key)
+                return value
+
+            got = self.run(lambda cache: cache.get_or_load(key, loader))
+            if key in self.model:
+                assert got == self.model[key]
+                assert calls == []
+            else:
+                assert got == value
+                assert calls == [key]
+                self.model[key] = value
+
+        @rule(items=st.dictionaries(KEYS, VALUES, max_size=3))
+        def warm(self, items: dict[str, Any]) -> None:
+            written = self.run(lambda cache: cache.warm(items))
+            assert written == sum(1 for key in items if key not in self.model)
+            for key, value in items.items():
+                self.model.setdefault(key, value)
+
+        @invariant()
+        def every_key_reads_as_modelled(self) -> None:
+            keys = ["a", "b", "c{x}", "d:1"]
+            assert self.run(lambda cache: cache.get_many(keys)) == self.model
+
+        def teardown(self) -> None:
+            self.runner.run(self.client.aclose())
+            self.runner.close()
+
+    run_state_machine_as_test(
+        CacheModel,
+        settings=settings(max_examples=20, stateful_step_count=15, deadline=None),
+    )
