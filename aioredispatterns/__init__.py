@@ -5,7 +5,9 @@ underscore is private.
 """
 
 from ._capabilities import ServerInfo, server_info
+from ._commands import pipeline_stats
 from ._connection import connect
+from ._pipeline import PipelineStats
 from .cache import (
     Cache,
     CacheClosed,
@@ -34,6 +36,17 @@ from .serializers import (
     RawSerializer,
     Serializer,
 )
+from .streams import (
+    ConsumerGroup,
+    ConsumerPolicy,
+    DeadLetter,
+    GroupInfo,
+    GroupStats,
+    StreamError,
+    StreamMessage,
+    StreamProducer,
+    StreamRetention,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -48,10 +61,16 @@ __all__ = (
     "CommandTimeout",
     "ConfigurationError",
     "ConnectionFailed",
+    "ConsumerGroup",
+    "ConsumerPolicy",
+    "DeadLetter",
+    "GroupInfo",
+    "GroupStats",
     "InvalidKeyError",
     "JsonSerializer",
     "MsgpackSerializer",
     "PickleSerializer",
+    "PipelineStats",
     "PoolTimeout",
     "RawSerializer",
     "RedisPatternsError",
@@ -59,9 +78,14 @@ __all__ = (
     "SerializationError",
     "Serializer",
     "ServerInfo",
+    "StreamError",
+    "StreamMessage",
+    "StreamProducer",
+    "StreamRetention",
     "UnsupportedServerError",
     "ValueTooLarge",
     "__version__",
     "connect",
+    "pipeline_stats",
     "server_info",
 )

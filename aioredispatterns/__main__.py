@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", help="only scenarios whose group or name contains this")
     bench.add_argument("--scenarios", type=Path, help="directory of scenario files")
     bench.add_argument("--json", type=Path, help="also write the results to this file")
+    bench.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")
+    bench.add_argument(
+        "--reference",
+        action="store_true",
+        help="also run redis-benchmark (GET/SET, unpipelined, -c 64) on the same server",
+    )
 
     info = commands.add_parser("info", help="print the server's name, version and commands")
     info.add_argument("--url", default="redis://127.0.0.1:6379/0")
@@ -64,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
                     only=args.only,
                     scenario_dir=args.scenarios or default_scenario_dir(),
                     json_path=args.json,
-                )
+                    reference=args.reference,
+                    loop_name="uvloop" if args.uvloop else "asyncio",
+                ),
+                backend_options={"use_uvloop": args.uvloop},
             )
         else:
             anyio.run(_info, args.url)

@@ -85,8 +85,15 @@ _MAX_SAMPLES = 20_000
 
 async def _measure(scenario: Scenario, env: BenchEnv, seconds: float, result: Result) -> None:
     async with scenario.setup(env) as operation:
-        for _ in range(min(scenario.concurrency, 4)):  # warm connections and scripts
+        # Warm up at full concurrency, so that opening connections and loading scripts
+        # is not measured (it would dominate short slices).
+        async def warm_once() -> None:
             await operation()
+
+        for _ in range(2):
+            async with anyio.create_task_group() as warm:
+                for _ in range(scenario.concurrency):
+                    warm.start_soon(warm_once)
         calls = 0
         samples: list[float] = []
         deadline = anyio.current_time() + seconds
@@ -165,6 +172,8 @@ async def run_bench(
     only: str | None,
     scenario_dir: Path,
     json_path: Path | None,
+    reference: bool = False,
+    loop_name: str = "asyncio",
     out: Any = None,
 ) -> list[Result]:
     """Run every scenario interleaved for ``duration`` seconds in all and print the table."""
@@ -178,7 +187,7 @@ async def run_bench(
         finally:
             await probe.aclose()
         where = "embedded " if url is None else ""
-        server = f"{where}{info} at {server_url}"
+        server = f"{where}{info} at {server_url}, {loop_name} loop"
         env = BenchEnv(url=server_url, server=server)
         scenarios = _load_scenarios(scenario_dir, env)
         if concurrency:
@@ -199,7 +208,12 @@ async def run_bench(
             order = list(range(len(scenarios)))[shift:] + list(range(len(scenarios)))[:shift]
             for index in order:
                 await _measure(scenarios[index], env, per_slice, results[index])
+        reference_figures = await _redis_benchmark(server_url) if reference else {}
     _print_table(results, server, out)
+    for name, figure in reference_figures.items():
+        print(
+            f"reference: redis-benchmark {name} (-c 64, unpipelined): {figure:,.0f} ops/s", file=out
+        )
     if json_path is not None:
         payload = {
             "server": server,
@@ -218,6 +232,29 @@ async def run_bench(
         }
         await anyio.Path(json_path).write_text(json.dumps(payload, indent=2))
     return results
+
+
+async def _redis_benchmark(url: str) -> dict[str, float]:
+    """redis-benchmark's unpipelined GET/SET figures on the same server, if installed."""
+    import re
+    import shutil
+    from urllib.parse import urlsplit
+
+    binary = shutil.which("redis-benchmark") or shutil.which("valkey-benchmark")
+    if binary is None:
+        return {}
+    parts = urlsplit(url)
+    command = [
+        binary, "-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 6379),
+        "-t", "get,set", "-c", "64", "-n", "200000", "-q",
+    ]  # fmt: skip
+    result = await anyio.run_process(command, check=False)
+    figures = {}
+    for line in result.stdout.decode(errors="replace").replace("\r", "\n").splitlines():
+        match = re.match(r"\s*(GET|SET):\s*([\d.]+) requests per second", line)
+        if match:
+            figures[match.group(1)] = float(match.group(2))
+    return figures
 
 
 def _ratio(result: Result, results: list[Result]) -> float | None:

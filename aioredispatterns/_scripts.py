@@ -22,8 +22,8 @@ from ._capabilities import server_info
 from ._client import AnyRedis
 from ._commands import execute_raw
 from ._keys import KeyT
-from ._translate import map_redis_errors
-from .errors import ConfigurationError
+from ._translate import map_redis_errors, translate
+from .errors import ConfigurationError, ScriptError
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +55,19 @@ class Script:
         Cancellation: a cancelled caller's reply is discarded; what the script did on
         the server (it runs atomically) stays done.
         """
-        with map_redis_errors():
+        # Plain try/except rather than map_redis_errors(): this is every primitive's hot path.
+        try:
             try:
                 return await execute_raw(client, "EVALSHA", self.sha, len(keys), *keys, *args)
             except rex.NoScriptError:
                 return await execute_raw(client, "EVAL", self.source, len(keys), *keys, *args)
+        except rex.ResponseError as exc:
+            raise ScriptError(str(exc)) from exc
+        except Exception as exc:
+            ours = translate(exc)
+            if ours is None:
+                raise
+            raise ours from exc
 
 
 _COMPARE_AND_DELETE = Script.load("compare_and_delete")

@@ -34,7 +34,9 @@ def translate(exc: BaseException) -> RedisPatternsError | None:
     if isinstance(exc, rex.TimeoutError):
         return CommandTimeout(message or "the server did not answer in time")
     if isinstance(exc, rex.ResponseError):
-        if _is_script_error(message):
+        # Script errors are told apart where scripts run (Script.run); here only the
+        # reply's own words can say so.
+        if message.startswith("Error running script") or "user_script:" in message:
             return ScriptError(message)
         return CommandError(message)
     if isinstance(exc, rex.RedisError):
@@ -42,13 +44,6 @@ def translate(exc: BaseException) -> RedisPatternsError | None:
     if isinstance(exc, ConnectionError | OSError):
         return ConnectionFailed(message or type(exc).__name__)
     return None
-
-
-def _is_script_error(message: str) -> bool:
-    # Redis 6.2: "Error running script ..."; 7.x / Valkey: "... script: ..." with a user_script
-    # frame; a redis.error_reply from the script carries its own text and "script" too.
-    lowered = message.lower()
-    return "script" in lowered or lowered.startswith("error running")
 
 
 @contextmanager

@@ -47,6 +47,7 @@ __all__ = (
     "RedisServer",
     "SERVER_KINDS",
     "ServerNotAvailable",
+    "borrowed_connections",
     "find_server_binary",
     "free_port",
     "start_cluster",
@@ -396,6 +397,19 @@ def start_cluster(binary: Path, masters: int = 3, name: str = "cluster") -> Clus
             node.stop()
         raise
     return ClusterServers(nodes)
+
+
+def borrowed_connections(client: Any) -> list[Any]:
+    """Connections of ``client``'s pool that are checked out right now, other than the
+    one the auto-pipeline keeps for itself: after a primitive is closed or cancelled this
+    should be empty (anything else is a leak)."""
+    from ._client import state_of
+
+    pool = client.connection_pool
+    in_use = list(pool._in_use_connections)
+    pipeline = state_of(client).pipeline
+    kept = pipeline.kept_connection if pipeline is not None else None
+    return [connection for connection in in_use if connection is not kept]
 
 
 # --------------------------------------------------------------------------- pytest plugin

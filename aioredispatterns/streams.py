@@ -1,0 +1,1044 @@
+"""Redis Streams: a producer, and a consumer group that runs a bounded worker pool.
+
+:class:`StreamProducer` appends messages (``XADD``) with retention. :class:`ConsumerGroup`
+reads them with ``XREADGROUP`` in batches and either calls your handler for each (at most
+``concurrency`` at once) or hands them to your own loop (``async for m in
+group.messages()``). Around that it does what a worker pool on streams needs:
+
+* successes are acknowledged in batches (one ``XACK`` for many ids);
+* a failed message stays pending; messages left idle longer than ``claim_idle`` by a
+  consumer that died (or failed them) are taken over with ``XAUTOCLAIM`` and retried;
+* a message that would be delivered more than ``max_deliveries`` times goes to a
+  dead-letter stream (same hash tag, so the move is one atomic script) with its error;
+* reading stops while ``max_in_flight`` messages are unsettled (backpressure);
+* the group is re-created when it disappears (a server restart without persistence
+  answers ``NOGROUP``), and idle consumers without pending entries are removed;
+* leaving the ``async with`` stops reading, lets running handlers finish up to
+  ``drain_timeout``, flushes the acks and leaves everything else pending for others.
+
+Delivery is **at least once**: a handler may see a message again (its worker died after
+the handler ran but before the ack went out, or the handler outlived ``claim_idle``).
+Every :class:`StreamMessage` carries its id and delivery count so handlers can be idempotent.
+
+Keys: the stream is ``<prefix>:stream:{<name>}`` and its dead-letter stream
+``<prefix>:stream:{<name>}:dead``; one hash tag, one cluster slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from redis.typing import EncodableT
+
+from . import _streams_redis as _r
+from ._capabilities import server_info
+from ._client import AnyRedis, check_client
+from ._commands import execute, execute_blocking
+from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, keyspace
+from ._translate import map_redis_errors
+from .errors import (
+    CommandError,
+    CommandTimeout,
+    ConfigurationError,
+    ConnectionFailed,
+    RedisPatternsError,
+    UnsupportedServerError,
+)
+from .serializers import Serializer, check_serializer, default_serializer
+
+__all__ = (
+    "ConsumerGroup",
+    "ConsumerPolicy",
+    "DeadLetter",
+    "GroupInfo",
+    "GroupStats",
+    "StreamError",
+    "StreamMessage",
+    "StreamProducer",
+    "StreamRetention",
+)
+
+logger = logging.getLogger("aioredispatterns.streams")
+
+Handler = Callable[["StreamMessage"], Awaitable[object]]
+
+_NO_PENDING = "0-0"
+
+
+class StreamError(RedisPatternsError):
+    """Base of the errors raised by the streams primitives."""
+
+
+def _stream_keys(prefix: str, name: object) -> KeySpace:
+    return keyspace(prefix, "stream", name)
+
+
+# --------------------------------------------------------------------------- producer
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRetention:
+    """How much of a stream to keep; applied by every ``XADD`` of a producer.
+
+    Attributes:
+        maxlen: keep about this many newest entries (``MAXLEN ~``).
+        max_age: keep entries younger than this many seconds (``MINID ~``, computed from
+            this process's clock: entry ids carry the server's clock, so keep the two
+            in sync or leave a margin).
+        exact: trim exactly (``=``) instead of approximately (``~``, much cheaper).
+
+    Trimming never looks at consumer groups: an entry trimmed before a group read it is
+    gone for that group. Size retention for the slowest consumer.
+    """
+
+    maxlen: int | None = None
+    max_age: float | None = None
+    exact: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.maxlen is None) == (self.max_age is None):
+            raise ConfigurationError("StreamRetention takes exactly one of maxlen or max_age")
+        if self.maxlen is not None and (
+            not isinstance(self.maxlen, int) or isinstance(self.maxlen, bool) or self.maxlen < 1
+        ):
+            raise ConfigurationError("StreamRetention.maxlen must be an int >= 1")
+        if self.max_age is not None and not (
+            isinstance(self.max_age, int | float)
+            and math.isfinite(self.max_age)
+            and self.max_age > 0
+        ):
+            raise ConfigurationError("StreamRetention.max_age must be a positive number of seconds")
+
+    def args(self) -> list[EncodableT]:
+        """The XADD trimming arguments."""
+        how = "=" if self.exact else "~"
+        if self.maxlen is not None:
+            return ["MAXLEN", how, self.maxlen]
+        assert self.max_age is not None
+        oldest_ms = int((time.time() - self.max_age) * 1000)
+        return ["MINID", how, f"{max(oldest_ms, 0)}-0"]
+
+
+class StreamProducer:
+    """Appends messages to a stream; field values go through the serializer.
+
+    Args:
+        client: a redis.asyncio client (see :func:`aioredispatterns.connect`).
+        stream: the stream's name (a key inside ``prefix``; validated).
+        prefix: the key namespace.
+        serializer: encodes each field value (JSON by default).
+        retention: trimming applied with every append (none by default).
+
+    Raises:
+        ConfigurationError: bad name, prefix, serializer or retention.
+    """
+
+    __slots__ = ("_client", "_keys", "_retention", "_serializer", "key")
+
+    def __init__(
+        self,
+        client: AnyRedis,
+        stream: str | bytes,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        serializer: Serializer | None = None,
+        retention: StreamRetention | None = None,
+    ) -> None:
+        self._client = check_client(client)
+        self._keys = _stream_keys(prefix, stream)
+        self.key: KeyT = self._keys.key()
+        self._serializer = check_serializer(serializer or default_serializer())
+        if retention is not None and not isinstance(retention, StreamRetention):
+            raise ConfigurationError("retention must be a StreamRetention")
+        self._retention = retention
+
+    def _head(self) -> list[EncodableT]:
+        head: list[EncodableT] = ["XADD", self.key]
+        if self._retention is not None:
+            head += self._retention.args()
+        head.append("*")
+        return head
+
+    def _xadd_args(self, head: list[EncodableT], fields: Mapping[str, Any]) -> list[EncodableT]:
+        if not isinstance(fields, Mapping) or not fields:
+            raise ConfigurationError("a message is a non-empty mapping of field names to values")
+        args = head.copy()
+        dumps = self._serializer.dumps
+        for name, value in fields.items():
+            if not isinstance(name, str) or not name:
+                raise ConfigurationError("field names must be non-empty str")
+            args += [name, dumps(value)]
+        return args
+
+    async def add(self, fields: Mapping[str, Any]) -> str:
+        """Append one message; returns its id (``"<ms>-<seq>"``, assigned by the server).
+
+        Raises:
+            SerializationError: a value could not be encoded (nothing was written).
+
+        Cancellation: the message may or may not have been appended.
+        """
+        args = self._xadd_args(self._head(), fields)
+        return _r.text(await execute(self._client, *args))
+
+    async def add_many(self, messages: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Append many messages in one pipelined round trip; returns their ids in order.
+
+        Every message is encoded before anything is sent, so an encoding error writes
+        nothing. Not a transaction: if the connection breaks midway, a prefix may have
+        been appended.
+
+        Cancellation: any prefix of the messages may have been appended.
+        """
+        head = self._head()
+        commands = [self._xadd_args(head, fields) for fields in messages]
+        if not commands:
+            return []
+        with map_redis_errors():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for args in commands:
+                    pipe.execute_command(*args)
+                replies = await pipe.execute()
+        return [_r.text(reply) for reply in replies]
+
+
+# --------------------------------------------------------------------------- consumer side
+
+
+class StreamMessage:
+    """One stream entry delivered to this consumer.
+
+    Attributes:
+        id: the entry id (``"<ms>-<seq>"``), unique within the stream: use it to make
+            handlers idempotent.
+        deliveries: how many times the group has delivered it (1 on the first delivery).
+        raw_fields: the field values as stored (bytes).
+    """
+
+    __slots__ = ("_fields", "_serializer", "deliveries", "id", "raw_fields")
+
+    def __init__(
+        self,
+        message_id: str,
+        raw_fields: dict[bytes, bytes],
+        deliveries: int,
+        serializer: Serializer,
+    ) -> None:
+        self.id = message_id
+        self.raw_fields = raw_fields
+        self.deliveries = deliveries
+        self._serializer = serializer
+        self._fields: dict[str, Any] | None = None
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The field values decoded by the serializer (decoded on first access).
+
+        Raises:
+            SerializationError: a value is not valid for the serializer.
+        """
+        if self._fields is None:
+            loads = self._serializer.loads
+            self._fields = {_r.text(k): loads(v) for k, v in self.raw_fields.items()}
+        return self._fields
+
+    def __repr__(self) -> str:
+        return f"StreamMessage(id={self.id!r}, deliveries={self.deliveries})"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An entry of the dead-letter stream.
+
+    Attributes:
+        id: its id in the dead-letter stream.
+        message_id: the id it had in the original stream.
+        group: the group that gave up on it.
+        consumer: the consumer that dead-lettered it.
+        deliveries: how many times it was delivered.
+        error: the last handler error (or why it was given up).
+        raw_fields: the original field values.
+    """
+
+    id: str
+    message_id: str
+    group: str
+    consumer: str
+    deliveries: int
+    error: str
+    raw_fields: dict[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerPolicy:
+    """How a :class:`ConsumerGroup` reads, retries and shuts down.
+
+    Attributes:
+        concurrency: handler calls running at once (handler mode).
+        max_in_flight: messages read and not yet settled; reading pauses at this bound.
+        batch_size: the COUNT of one XREADGROUP / XAUTOCLAIM.
+        block: seconds one XREADGROUP waits for new messages.
+        claim_idle: seconds a pending message must sit idle before another consumer
+            takes it over. Keep it above your slowest handler, or a slow message is
+            handed to a second worker while the first still runs.
+        claim_interval: seconds between reclaim scans (default ``claim_idle / 2``).
+        max_deliveries: deliveries a message gets before it is dead-lettered.
+        drain_timeout: on shutdown, seconds running handlers get to finish.
+        ack_timeout: on shutdown, seconds the final XACK may take.
+        consumer_idle: remove other consumers idle this many seconds with no pending
+            entry (``None``: never).
+        start_id: where a newly created group starts (``"0"``: the whole stream,
+            ``"$"``: only new messages). Also used when the group is re-created.
+        dead_letter_maxlen: approximate bound of the dead-letter stream (``None``: none).
+    """
+
+    concurrency: int = 16
+    max_in_flight: int = 256
+    batch_size: int = 100
+    block: float = 1.0
+    claim_idle: float = 60.0
+    claim_interval: float | None = None
+    max_deliveries: int = 5
+    drain_timeout: float = 10.0
+    ack_timeout: float = 5.0
+    consumer_idle: float | None = 3600.0
+    start_id: str = "0"
+    dead_letter_maxlen: int | None = 100_000
+
+    def __post_init__(self) -> None:
+        for name in ("concurrency", "max_in_flight", "batch_size", "max_deliveries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigurationError(f"ConsumerPolicy.{name} must be an int >= 1")
+        for name in ("block", "claim_idle", "drain_timeout", "ack_timeout"):
+            _check_seconds(name, getattr(self, name))
+        for name in ("claim_interval", "consumer_idle"):
+            if getattr(self, name) is not None:
+                _check_seconds(name, getattr(self, name))
+        if not isinstance(self.start_id, str) or not self.start_id:
+            raise ConfigurationError("ConsumerPolicy.start_id must be a stream id, '0' or '$'")
+        if self.dead_letter_maxlen is not None and (
+            not isinstance(self.dead_letter_maxlen, int) or self.dead_letter_maxlen < 1
+        ):
+            raise ConfigurationError("ConsumerPolicy.dead_letter_maxlen must be an int >= 1")
+
+    @property
+    def reclaim_every(self) -> float:
+        interval = self.claim_interval if self.claim_interval is not None else self.claim_idle / 2
+        return min(max(interval, 0.01), 30.0)
+
+
+def _check_seconds(name: str, value: object) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ConfigurationError(f"ConsumerPolicy.{name} must be a number of seconds")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigurationError(f"ConsumerPolicy.{name} must be positive and finite")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStats:
+    """What this consumer did since it started (a snapshot; counters only grow).
+
+    Attributes:
+        processed: handler calls that returned (handler mode).
+        failed: handler calls that raised.
+        retried: messages delivered to this consumer for the second time or more.
+        dead_lettered: messages this consumer moved to the dead-letter stream.
+        claimed: messages taken over from idle consumers (XAUTOCLAIM).
+        acked: message ids acknowledged (XACK replies received).
+        recreated: times the group was found missing and created again.
+        consumers_removed: idle consumers removed by hygiene.
+        read_errors: reads that failed (connection lost ...) and were retried.
+        in_flight: messages read and not yet settled, right now.
+    """
+
+    processed: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    claimed: int = 0
+    acked: int = 0
+    recreated: int = 0
+    consumers_removed: int = 0
+    read_errors: int = 0
+    in_flight: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """The group as the server sees it (XINFO GROUPS, XLEN).
+
+    Attributes:
+        length: entries in the stream.
+        pending: entries delivered and not yet acknowledged, all consumers together.
+        lag: entries not yet delivered to the group (``None`` where the server cannot
+            tell: Redis < 7, or after deletions).
+        consumers: consumers the group knows.
+        last_delivered_id: the last id delivered to the group.
+        dead_letters: entries in the dead-letter stream.
+    """
+
+    length: int
+    pending: int
+    lag: int | None
+    consumers: int
+    last_delivered_id: str
+    dead_letters: int
+
+
+class _Counters:
+    """The live, mutable counterparts of the GroupStats counters."""
+
+    __slots__ = tuple(f.name for f in dataclasses.fields(GroupStats) if f.name != "in_flight")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    processed: int
+    failed: int
+    retried: int
+    dead_lettered: int
+    claimed: int
+    acked: int
+    recreated: int
+    consumers_removed: int
+    read_errors: int
+
+
+def _default_consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class _Backoff:
+    base: float = 0.05
+    cap: float = 1.0
+    attempt: int = field(default=0)
+
+    async def sleep(self) -> None:
+        await anyio.sleep(min(self.cap, self.base * (2**self.attempt)))
+        self.attempt = min(self.attempt + 1, 10)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class ConsumerGroup(anyio.AsyncContextManagerMixin):
+    """A consumer of a stream's consumer group, running its own task group.
+
+    Use it with ``async with`` (or start :meth:`run` in your task group). With a
+    ``handler``, each message is passed to ``await handler(message)`` (at most
+    ``policy.concurrency`` at once); a handler that returns acknowledges the message, one
+    that raises leaves it pending for a retry after ``policy.claim_idle``. Without a
+    handler, iterate :meth:`messages` and call :meth:`ack` yourself.
+
+    Args:
+        client: a redis.asyncio client (see :func:`aioredispatterns.connect`). Each
+            blocking read takes one pooled connection of its own.
+        stream: the stream's name (as given to :class:`StreamProducer`).
+        group: the consumer group's name.
+        handler: ``async def handler(message) -> object``, or ``None`` for
+            :meth:`messages`.
+        consumer: this consumer's name (unique per process by default; a fixed name
+            lets a restarted worker be recognised in ``XINFO CONSUMERS``).
+        policy: batching, retries, backpressure and shutdown settings.
+        prefix: the key namespace.
+        serializer: decodes field values (JSON by default).
+
+    Raises:
+        ConfigurationError: bad names, policy or serializer (before any command).
+
+    Cancellation: cancelling the ``async with`` body (or :meth:`run`) starts the same
+    graceful shutdown as leaving it: reading stops, running handlers get
+    ``drain_timeout`` seconds (shielded) to finish, finished ones are acknowledged, the
+    rest stay pending for another consumer. A blocking read cancelled mid-flight closes
+    its connection; messages the server delivered to it stay in this consumer's pending
+    list and are reclaimed after ``claim_idle``. Nothing is ever acknowledged unprocessed.
+    """
+
+    def __init__(
+        self,
+        client: AnyRedis,
+        stream: str | bytes,
+        group: str,
+        *,
+        handler: Handler | None = None,
+        consumer: str | None = None,
+        policy: ConsumerPolicy | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        serializer: Serializer | None = None,
+    ) -> None:
+        self._client = check_client(client)
+        keys = _stream_keys(prefix, stream)
+        self.key: KeyT = keys.key()
+        self.dead_letter_key: KeyT = keys.key("dead")
+        if not isinstance(group, str) or not group:
+            raise ConfigurationError("group must be a non-empty str")
+        if consumer is not None and (not isinstance(consumer, str) or not consumer):
+            raise ConfigurationError("consumer must be a non-empty str")
+        if handler is not None and not callable(handler):
+            raise ConfigurationError("handler must be an async callable")
+        if policy is not None and not isinstance(policy, ConsumerPolicy):
+            raise ConfigurationError("policy must be a ConsumerPolicy")
+        self.group = group
+        self.consumer = consumer or _default_consumer_name()
+        self.policy = policy or ConsumerPolicy()
+        self._handler = handler
+        self._serializer = check_serializer(serializer or default_serializer())
+        self._counts = _Counters()
+        self._running = False
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        self._in_flight = 0
+        self._room: anyio.Event | None = None
+        self._active: set[str] = set()
+        self._acks: list[str] = []
+        self._ack_wanted = anyio.Event()
+        self._ack_lock = anyio.Lock()
+        self._stopping = False
+        self._group_lock = anyio.Lock()
+        self._send: MemoryObjectSendStream[StreamMessage] | None = None
+        self._receive: MemoryObjectReceiveStream[StreamMessage] | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def stats(self) -> GroupStats:
+        """A snapshot of this consumer's counters."""
+        counts = {name: getattr(self._counts, name) for name in _Counters.__slots__}
+        return GroupStats(**counts, in_flight=self._in_flight)
+
+    def ack(self, *messages: StreamMessage | str) -> None:
+        """Acknowledge messages (or ids): queued and sent in the next batched XACK.
+
+        The batch goes out within one round trip; the final batch is flushed on
+        shutdown. Acknowledging twice is harmless.
+
+        Raises:
+            StreamError: the group is not running.
+        """
+        if not self._running:
+            raise StreamError("ack() needs the group running (inside its async with)")
+        for message in messages:
+            self._acks.append(message.id if isinstance(message, StreamMessage) else message)
+        self._ack_wanted.set()
+
+    async def reject(self, message: StreamMessage, error: Exception) -> None:
+        """Report that processing ``message`` failed (for :meth:`messages` loops).
+
+        Below ``max_deliveries`` the message stays pending and is retried after
+        ``claim_idle``; on its last allowed delivery it moves to the dead-letter stream
+        with ``error``, which also acknowledges it. Counted as ``failed``.
+
+        Cancellation: the move to the dead-letter stream is one script: it happened
+        entirely or not at all; if not, the reclaim loop dead-letters it later.
+        """
+        if not self._running:
+            raise StreamError("reject() needs the group running (inside its async with)")
+        self._counts.failed += 1
+        await self._failed(message, error)
+
+    def messages(self) -> AsyncIterator[StreamMessage]:
+        """Iterate the messages delivered to this consumer (when there is no handler).
+
+        Acknowledge each with :meth:`ack` once processed, or :meth:`reject` it; an
+        unacknowledged message stays pending and is delivered again (here or elsewhere)
+        after ``claim_idle``. The
+        iteration ends when the group shuts down. Backpressure: reading pauses while
+        ``max_in_flight`` messages wait to be taken from this iterator.
+
+        Raises:
+            StreamError: the group has a handler, or is not running.
+        """
+        if self._handler is not None:
+            raise StreamError("messages() is for groups without a handler")
+        if not self._running or self._receive is None:
+            raise StreamError("messages() needs the group running (inside its async with)")
+        return _MessageIterator(self, self._receive)
+
+    async def info(self) -> GroupInfo:
+        """The group's pending count, lag and consumers from XINFO GROUPS; stream lengths.
+
+        Raises:
+            StreamError: the group does not exist.
+        """
+        try:
+            groups = await execute(self._client, "XINFO", "GROUPS", self.key)
+        except CommandError as exc:
+            raise StreamError(f"no stream {self.key!r}: {exc}") from exc
+        for raw in groups:
+            entry = {_r.text(k): v for k, v in _r.pairs(raw).items()}
+            if _r.text(entry.get("name", b"")) == self.group:
+                break
+        else:
+            raise StreamError(f"no group {self.group!r} on {self.key!r}")
+        length = await execute(self._client, "XLEN", self.key)
+        dead = await execute(self._client, "XLEN", self.dead_letter_key)
+        lag = entry.get("lag")
+        return GroupInfo(
+            length=int(length),
+            pending=int(entry["pending"]),
+            lag=None if lag is None else int(lag),
+            consumers=int(entry["consumers"]),
+            last_delivered_id=_r.text(entry["last-delivered-id"]),
+            dead_letters=int(dead),
+        )
+
+    async def dead_letters(self, count: int = 100) -> list[DeadLetter]:
+        """The oldest ``count`` entries of the dead-letter stream (read only)."""
+        reply = await execute(
+            self._client, "XRANGE", self.dead_letter_key, "-", "+", "COUNT", count
+        )
+        letters = []
+        for entry_id, raw in reply:
+            fields = _r.pairs(raw)
+            meta = {k[4:].decode(): v for k, v in fields.items() if k.startswith(b"dlq:")}
+            letters.append(
+                DeadLetter(
+                    id=_r.text(entry_id),
+                    message_id=_r.text(meta.get("id", b"")),
+                    group=_r.text(meta.get("group", b"")),
+                    consumer=_r.text(meta.get("consumer", b"")),
+                    deliveries=int(meta.get("deliveries", 0)),
+                    error=_r.text(meta.get("error", b"")),
+                    raw_fields={k: v for k, v in fields.items() if not k.startswith(b"dlq:")},
+                )
+            )
+        return letters
+
+    async def run(self, *, task_status: TaskStatus[Self] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled: ``await tg.start(group.run)`` returns once it consumes.
+
+        Cancellation: the graceful shutdown described on the class.
+        """
+        async with self:
+            task_status.started(self)
+            await anyio.sleep_forever()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
+        if self._running:
+            raise StreamError("this ConsumerGroup is already running")
+        info = await server_info(self._client)
+        if not info.xautoclaim:
+            raise UnsupportedServerError(f"streams need XAUTOCLAIM (Redis >= 6.2); {info} lacks it")
+        await _r.create_group(self._client, self.key, self.group, self.policy.start_id)
+        self._reset_run_state()
+        send, receive = anyio.create_memory_object_stream[StreamMessage](self.policy.max_in_flight)
+        self._send, self._receive = send, receive
+        self._running = True
+        try:
+            async with anyio.create_task_group() as tg:
+                workers_done = anyio.Event()
+                work_scope = anyio.CancelScope(shield=True)
+                intake_scope = anyio.CancelScope()
+                tg.start_soon(self._ack_loop)
+                tg.start_soon(self._intake, intake_scope)
+                if self._handler is not None:
+                    tg.start_soon(self._work, self._handler, receive, work_scope, workers_done)
+                else:
+                    workers_done.set()
+                try:
+                    yield self
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._shutdown(intake_scope, work_scope, workers_done)
+                    tg.cancel_scope.cancel()
+        finally:
+            self._running = False
+            send.close()
+            receive.close()
+
+    async def _shutdown(
+        self,
+        intake_scope: anyio.CancelScope,
+        work_scope: anyio.CancelScope,
+        workers_done: anyio.Event,
+    ) -> None:
+        # Order matters: stop taking new messages, let running handlers end (their
+        # acks join the queue), then flush the queue. Buffered messages that no handler
+        # started stay pending: another consumer reclaims them after claim_idle.
+        self._stopping = True
+        intake_scope.cancel()
+        assert self._send is not None
+        self._send.close()
+        with anyio.move_on_after(self.policy.drain_timeout):
+            await workers_done.wait()
+        if not workers_done.is_set():
+            logger.warning(
+                "%s/%s: handlers still running after drain_timeout=%ss; cancelling them, "
+                "their messages stay pending",
+                self.group,
+                self.consumer,
+                self.policy.drain_timeout,
+            )
+            work_scope.cancel()
+            with anyio.move_on_after(self.policy.ack_timeout):
+                await workers_done.wait()
+        with anyio.move_on_after(self.policy.ack_timeout):
+            while self._acks:
+                try:
+                    await self._flush_acks()
+                except (ConnectionFailed, CommandTimeout) as exc:
+                    logger.warning("%s/%s: final XACK failed: %s", self.group, self.consumer, exc)
+                    await anyio.sleep(0.05)
+        if self._acks:
+            logger.warning(
+                "%s/%s: %d acknowledgements could not be sent; those messages stay pending",
+                self.group,
+                self.consumer,
+                len(self._acks),
+            )
+
+    # ------------------------------------------------------------------ intake
+
+    async def _intake(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._read_loop)
+                tg.start_soon(self._reclaim_loop)
+                if self.policy.consumer_idle is not None:
+                    tg.start_soon(self._hygiene_loop, self.policy.consumer_idle)
+
+    def _free(self) -> int:
+        return self.policy.max_in_flight - self._in_flight
+
+    async def _wait_for_room(self, wanted: int) -> None:
+        # Resume reading only once a worthwhile batch fits, not after every single
+        # settled message (which would turn into reads of COUNT 1).
+        wanted = max(1, min(wanted, self.policy.max_in_flight))
+        while self._free() < wanted:
+            if self._room is None:  # one event shared by every waiter
+                self._room = anyio.Event()
+            await self._room.wait()
+
+    def _settled(self) -> None:
+        self._in_flight -= 1
+        room = self._room
+        if room is not None:
+            self._room = None
+            room.set()
+
+    def _dispatch(self, message_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> None:
+        assert self._send is not None
+        if self._stopping:
+            # A read that completed just as shutdown began: the entry stays in this
+            # consumer's pending list and is reclaimed after claim_idle.
+            return
+        text_id = message_id.decode()
+        message = StreamMessage(text_id, fields, deliveries, self._serializer)
+        self._in_flight += 1
+        self._active.add(text_id)
+        self._send.send_nowait(message)
+
+    async def _ensure_group(self, cause: BaseException) -> None:
+        async with self._group_lock:
+            if await _r.create_group(self._client, self.key, self.group, self.policy.start_id):
+                self._counts.recreated += 1
+                logger.warning(
+                    "%s: consumer group %r was missing (%s); re-created it from %r",
+                    _r.text(self.key),
+                    self.group,
+                    cause,
+                    self.policy.start_id,
+                )
+
+    async def _read_loop(self) -> None:
+        policy = self.policy
+        block_ms = max(1, int(policy.block * 1000))
+        low_water = max(1, policy.batch_size // 4)
+        backoff = _Backoff()
+        while True:
+            await self._wait_for_room(low_water)
+            count = min(policy.batch_size, self._free())
+            try:
+                reply = await execute_blocking(
+                    self._client,
+                    "XREADGROUP",
+                    "GROUP",
+                    self.group,
+                    self.consumer,
+                    "COUNT",
+                    count,
+                    "BLOCK",
+                    block_ms,
+                    "STREAMS",
+                    self.key,
+                    ">",
+                    block=policy.block,
+                )
+            except CommandError as exc:
+                if not _r.is_nogroup(exc):
+                    raise
+                await self._recover(exc, backoff)
+                continue
+            except (ConnectionFailed, CommandTimeout) as exc:
+                self._counts.read_errors += 1
+                logger.warning("%s/%s: read failed, retrying: %s", self.group, self.consumer, exc)
+                await backoff.sleep()
+                continue
+            backoff.reset()
+            for message_id, fields in _r.read_entries(reply):
+                self._dispatch(message_id, fields, 1)
+
+    async def _recover(self, cause: BaseException, backoff: _Backoff) -> None:
+        try:
+            await self._ensure_group(cause)
+        except (ConnectionFailed, CommandTimeout) as exc:
+            self._counts.read_errors += 1
+            logger.warning("%s/%s: cannot re-create group: %s", self.group, self.consumer, exc)
+            await backoff.sleep()
+
+    async def _reclaim_loop(self) -> None:
+        policy = self.policy
+        min_idle_ms = max(1, int(policy.claim_idle * 1000))
+        dead_maxlen = policy.dead_letter_maxlen or 0
+        cursor = _NO_PENDING
+        backoff = _Backoff()
+        while True:
+            if cursor == _NO_PENDING:
+                await anyio.sleep(policy.reclaim_every)
+            await self._wait_for_room(1)
+            try:
+                cursor, claimed, dead = await _r.reclaim(
+                    self._client,
+                    self.key,
+                    self.dead_letter_key,
+                    group=self.group,
+                    consumer=self.consumer,
+                    min_idle_ms=min_idle_ms,
+                    cursor=cursor,
+                    count=min(policy.batch_size, self._free()),
+                    max_deliveries=policy.max_deliveries,
+                    dead_maxlen=dead_maxlen,
+                )
+            except CommandError as exc:
+                cursor = _NO_PENDING
+                if not _r.is_nogroup(exc):
+                    raise
+                await self._recover(exc, backoff)
+                continue
+            except (ConnectionFailed, CommandTimeout) as exc:
+                cursor = _NO_PENDING
+                logger.warning("%s/%s: reclaim failed: %s", self.group, self.consumer, exc)
+                await backoff.sleep()
+                continue
+            backoff.reset()
+            self._counts.dead_lettered += dead
+            if dead:
+                logger.warning(
+                    "%s/%s: dead-lettered %d messages that exceeded max_deliveries=%d",
+                    self.group,
+                    self.consumer,
+                    dead,
+                    policy.max_deliveries,
+                )
+            for message_id, fields, deliveries in claimed:
+                # A message still queued or being handled here (a slow handler, a long
+                # queue) can come back to us: do not hand it out a second time.
+                if message_id.decode() in self._active:
+                    continue
+                self._counts.claimed += 1
+                self._dispatch(message_id, fields, deliveries)
+
+    async def _hygiene_loop(self, consumer_idle: float) -> None:
+        min_idle_ms = max(1, int(consumer_idle * 1000))
+        interval = min(max(consumer_idle / 2, 0.05), 300.0)
+        while True:
+            try:
+                removed = await _r.prune_consumers(
+                    self._client,
+                    self.key,
+                    group=self.group,
+                    min_idle_ms=min_idle_ms,
+                    keep=self.consumer,
+                )
+            except (ConnectionFailed, CommandTimeout, CommandError) as exc:
+                # NOGROUP and lost connections are the read loop's to handle.
+                logger.debug("%s/%s: consumer hygiene skipped: %s", self.group, self.consumer, exc)
+            else:
+                if removed:
+                    self._counts.consumers_removed += len(removed)
+                    logger.info("%s: removed idle consumers %s", self.group, removed)
+            await anyio.sleep(interval)
+
+    # ------------------------------------------------------------------ workers
+
+    async def _work(
+        self,
+        handler: Handler,
+        receive: MemoryObjectReceiveStream[StreamMessage],
+        scope: anyio.CancelScope,
+        done: anyio.Event,
+    ) -> None:
+        # Shielded: cancelling the group must not interrupt running handlers; _shutdown
+        # cancels this scope itself once drain_timeout has passed.
+        try:
+            with scope:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(self.policy.concurrency):
+                        tg.start_soon(self._worker, handler, receive)
+        finally:
+            done.set()
+
+    async def _worker(
+        self, handler: Handler, receive: MemoryObjectReceiveStream[StreamMessage]
+    ) -> None:
+        counts = self._counts
+        active = self._active
+        while True:
+            # Take what is already buffered without a checkpoint per message (the
+            # buffer is bounded, so this cannot starve the reader for long).
+            try:
+                message = receive.receive_nowait()
+            except anyio.WouldBlock:
+                try:
+                    message = await receive.receive()
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    return
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            if self._stopping:
+                return
+            message_id = message.id
+            try:
+                if message.deliveries > 1:
+                    counts.retried += 1
+                await handler(message)
+            except Exception as exc:
+                counts.failed += 1
+                await self._failed(message, exc)
+            else:
+                counts.processed += 1
+                self._acks.append(message_id)
+                if not self._ack_wanted.is_set():
+                    self._ack_wanted.set()
+            finally:
+                active.discard(message_id)
+                self._settled()
+
+    async def _failed(self, message: StreamMessage, exc: Exception) -> None:
+        if message.deliveries < self.policy.max_deliveries:
+            logger.info(
+                "%s/%s: handler failed on %s (delivery %d of %d), left pending: %r",
+                self.group,
+                self.consumer,
+                message.id,
+                message.deliveries,
+                self.policy.max_deliveries,
+                exc,
+            )
+            return
+        try:
+            moved = await _r.dead_letter(
+                self._client,
+                self.key,
+                self.dead_letter_key,
+                group=self.group,
+                consumer=self.consumer,
+                message_id=message.id,
+                deliveries=message.deliveries,
+                error=f"{type(exc).__name__}: {exc}",
+                dead_maxlen=self.policy.dead_letter_maxlen or 0,
+            )
+        except RedisPatternsError as error:
+            # It stays pending; the reclaim loop dead-letters it on its next delivery.
+            logger.warning("%s: could not dead-letter %s: %s", self.group, message.id, error)
+            return
+        if moved:
+            self._counts.dead_lettered += 1
+            logger.warning(
+                "%s/%s: message %s dead-lettered after %d deliveries: %r",
+                self.group,
+                self.consumer,
+                message.id,
+                message.deliveries,
+                exc,
+            )
+
+    # ------------------------------------------------------------------ acks
+
+    async def _ack_loop(self) -> None:
+        backoff = _Backoff()
+        while True:
+            await self._ack_wanted.wait()
+            self._ack_wanted = anyio.Event()
+            if not self._acks:
+                continue
+            try:
+                await self._flush_acks()
+            except (ConnectionFailed, CommandTimeout) as exc:
+                logger.warning("%s/%s: XACK failed, retrying: %s", self.group, self.consumer, exc)
+                self._ack_wanted.set()
+                await backoff.sleep()
+            else:
+                backoff.reset()
+
+    async def _flush_acks(self) -> None:
+        # One XACK at a time: the final flush on shutdown waits for the ack loop's
+        # batch in flight instead of racing it.
+        async with self._ack_lock:
+            await self._send_acks()
+
+    async def _send_acks(self) -> None:
+        ids, self._acks = self._acks, []
+        if not ids:
+            return
+        try:
+            acked = await execute(self._client, "XACK", self.key, self.group, *ids)
+        except CommandError as exc:
+            if _r.is_nogroup(exc):
+                # The group and its pending list are gone (restart): nothing to ack.
+                return
+            raise
+        except BaseException:
+            # Unknown whether it landed; XACK is idempotent, so send these again.
+            self._acks[:0] = ids
+            raise
+        self._counts.acked += int(acked)
+
+
+class _MessageIterator:
+    """The iterator :meth:`ConsumerGroup.messages` returns (not a generator: no aclose)."""
+
+    __slots__ = ("_group", "_receive")
+
+    def __init__(
+        self, group: ConsumerGroup, receive: MemoryObjectReceiveStream[StreamMessage]
+    ) -> None:
+        self._group = group
+        self._receive = receive
+
+    def __aiter__(self) -> _MessageIterator:
+        return self
+
+    async def __anext__(self) -> StreamMessage:
+        group = self._group
+        if group._stopping:
+            raise StopAsyncIteration
+        try:
+            message = await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
+        group._settled()
+        group._active.discard(message.id)
+        if message.deliveries > 1:
+            group._counts.retried += 1
+        return message
