@@ -8,6 +8,15 @@ from ._capabilities import ServerInfo, server_info
 from ._commands import pipeline_stats
 from ._connection import connect
 from ._pipeline import PipelineStats
+from .cache import (
+    Cache,
+    CacheClosed,
+    CachedFunction,
+    CacheError,
+    CachePolicy,
+    CacheStats,
+    ValueTooLarge,
+)
 from .errors import (
     CommandError,
     CommandTimeout,
@@ -42,6 +51,12 @@ from .streams import (
 __version__ = "0.1.0.dev0"
 
 __all__ = (
+    "Cache",
+    "CacheClosed",
+    "CacheError",
+    "CachePolicy",
+    "CacheStats",
+    "CachedFunction",
     "CommandError",
     "CommandTimeout",
     "ConfigurationError",
@@ -68,6 +83,7 @@ __all__ = (
     "StreamProducer",
     "StreamRetention",
     "UnsupportedServerError",
+    "ValueTooLarge",
     "__version__",
     "connect",
     "pipeline_stats",

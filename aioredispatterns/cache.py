@@ -1,0 +1,1024 @@
+"""Cache-aside with single flight, stale-while-revalidate, early refresh and leases.
+
+::
+
+    async with Cache(client, ttl=300, stale_ttl=60) as cache:
+        user = await cache.get_or_load(f"user:{uid}", lambda: db.fetch_user(uid))
+
+What it guarantees:
+
+* **Single flight.** On a miss, one loader call runs per key in this process and every
+  concurrent caller awaits its result. The load runs in the cache's own task group, so a
+  caller that is cancelled (a client hung up) stops waiting without cancelling the load
+  for the others; a load whose callers have all gone still completes and fills the cache.
+  With ``distributed=True`` a lease in Redis (``SET NX PX``) extends this to the fleet.
+* **No stale set.** A fill is written by a Lua script only if the entry still carries the
+  version the loader saw, so an :meth:`Cache.invalidate` or :meth:`Cache.set` that ran
+  while a slow loader was busy is never overwritten by that loader's older value.
+* **TTL on every entry**, shortened by up to ``jitter`` (a fraction) so keys written
+  together do not expire together; ``ttl=None`` (never expire) must be asked for.
+* **Hot keys are cheap.** Readers of a key that arrive while a GET of it is in flight
+  share that GET's reply (never one sent before a write of this process returned).
+
+Stored form: one Redis string per entry, a 21-byte header (kind, 8-byte version, the
+"fresh until" time in server-clock milliseconds, the last load's duration in ms) followed
+by the serialized value. Redis's own TTL is the end of the stale window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import inspect
+import math
+import os
+import random
+import struct
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Generic, Literal, ParamSpec, Self, TypeVar
+
+import anyio
+from anyio import AsyncContextManagerMixin
+from anyio.abc import TaskGroup
+
+from ._cache_keys import call_key, function_name
+from ._capabilities import server_info
+from ._client import AnyRedis, check_client
+from ._commands import execute, execute_blocking
+from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, check_prefix, keyspace
+from ._scripts import Script
+from ._translate import map_redis_errors
+from .errors import ConfigurationError, RedisPatternsError
+from .serializers import Serializer, check_serializer, default_serializer
+
+__all__ = (
+    "Cache",
+    "CacheClosed",
+    "CacheError",
+    "CachePolicy",
+    "CacheStats",
+    "CachedFunction",
+    "ValueTooLarge",
+)
+
+V = TypeVar("V")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+MiB: Final = 1024 * 1024
+
+# Entry header: kind, version, fresh-until (server ms, 0 = always fresh), load time (ms).
+_HEADER: Final = struct.Struct(">B8sQI")
+_HEADER_SIZE: Final = _HEADER.size
+_VALUE: Final = 0xA0
+_NEGATIVE: Final = 0xA1
+_TOMBSTONE: Final = 0xA2  # also hard-coded in cache_acquire.lua
+_NO_VERSION: Final = b""
+_TOMBSTONE_SLACK_MS: Final = 5000
+
+_FILL = Script.load("cache_fill")
+_ACQUIRE = Script.load("cache_acquire")
+_WARM = Script.load("cache_warm")
+
+_PIPELINE_CHUNK: Final = 1000
+_KEY_CACHE_SIZE: Final = 4096
+_MAX_BLOCK: Final = 2.0
+
+
+class CacheError(RedisPatternsError):
+    """Base of the errors raised by :class:`Cache`."""
+
+
+class ValueTooLarge(CacheError, ValueError):
+    """A value's stored form is above ``max_value_size`` (and ``oversize="raise"``).
+
+    Nothing was written for that key.
+    """
+
+    def __init__(self, key: object, size: int, limit: int) -> None:
+        super().__init__(f"cache value for {key!r} is {size} bytes, above the {limit}-byte limit")
+        self.key = key
+        self.size = size
+        self.limit = limit
+
+
+class CacheClosed(CacheError, RuntimeError):
+    """The cache is not open (use ``async with Cache(...)``), or closed during a load."""
+
+
+class _Unset:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = _Unset()
+
+
+def _check_seconds(
+    name: str, value: object, *, allow_none: bool = False, zero: bool = False
+) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ConfigurationError(f"{name} must be a number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not zero) or math.isinf(value):
+        raise ConfigurationError(f"{name} must be {'>= 0' if zero else '> 0'}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """How a :class:`Cache` stores and refreshes entries (validated on creation).
+
+    Attributes:
+        ttl: seconds an entry is fresh; ``None`` means it never expires (explicitly).
+        stale_ttl: seconds after ``ttl`` during which the old value is still served at
+            once while one background refresh replaces it (stale-while-revalidate), and
+            kept when that refresh fails (stale-if-error). 0 turns both off.
+        negative_ttl: when set, a loader result of ``None`` ("not found") is cached for
+            this many seconds; when ``None``, a ``None`` result is not cached at all.
+        jitter: each TTL is shortened by a random fraction up to this (0 <= jitter < 1).
+        early_refresh: XFetch's beta (1.0 is the paper's default): a fresh hit triggers a
+            background refresh with a probability that grows as expiry nears, scaled by
+            the last load's duration. ``None`` turns it off.
+        distributed: one loader per key across every process sharing the Redis (a
+            lease); otherwise one per key per process.
+        lease_ttl: seconds a fleet-wide lease lives: the longest a crashed lease holder
+            can hold others back. Keep it above a typical load and below ``ttl``.
+        lease_wait: seconds a caller waits for another process's load before loading
+            itself (default: ``lease_ttl``).
+        max_load_time: a load that takes longer (from the miss to the fill) is returned
+            to its callers but not written, and invalidation tombstones live this long:
+            together they make the stale-set check hold for every written fill.
+        refresh_backoff: after a failed background refresh, seconds before this process
+            tries that key again (stale values keep being served meanwhile).
+        max_value_size: the largest stored form in bytes (``None``: no limit).
+        oversize: ``"raise"`` a :class:`ValueTooLarge`, or ``"skip"`` storing it (the
+            caller still gets the value) and count it in ``oversize_skips``.
+    """
+
+    ttl: float | None
+    stale_ttl: float = 0.0
+    negative_ttl: float | None = None
+    jitter: float = 0.1
+    early_refresh: float | None = None
+    distributed: bool = False
+    lease_ttl: float = 10.0
+    lease_wait: float | None = None
+    max_load_time: float = 60.0
+    refresh_backoff: float = 1.0
+    max_value_size: int | None = MiB
+    oversize: Literal["raise", "skip"] = "raise"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ttl, _Unset):
+            raise ConfigurationError(
+                "a cache needs a TTL: pass ttl=<seconds>, or ttl=None to keep entries forever"
+            )
+        _check_seconds("ttl", self.ttl, allow_none=True)
+        _check_seconds("stale_ttl", self.stale_ttl, zero=True)
+        _check_seconds("negative_ttl", self.negative_ttl, allow_none=True)
+        _check_seconds("lease_ttl", self.lease_ttl)
+        _check_seconds("lease_wait", self.lease_wait, allow_none=True, zero=True)
+        _check_seconds("max_load_time", self.max_load_time)
+        _check_seconds("refresh_backoff", self.refresh_backoff, zero=True)
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int | float):
+            raise ConfigurationError(f"jitter must be a fraction, got {self.jitter!r}")
+        if not 0 <= self.jitter < 1:
+            raise ConfigurationError(f"jitter must be in [0, 1), got {self.jitter!r}")
+        if self.early_refresh is not None:
+            _check_seconds("early_refresh", self.early_refresh)
+        if not isinstance(self.distributed, bool):
+            raise ConfigurationError("distributed must be a bool")
+        if self.max_value_size is not None and (
+            isinstance(self.max_value_size, bool)
+            or not isinstance(self.max_value_size, int)
+            or self.max_value_size <= _HEADER_SIZE
+        ):
+            raise ConfigurationError(
+                f"max_value_size must be an int above {_HEADER_SIZE} or None, "
+                f"got {self.max_value_size!r}"
+            )
+        if self.oversize not in ("raise", "skip"):
+            raise ConfigurationError(f"oversize must be 'raise' or 'skip', got {self.oversize!r}")
+        if (
+            self.distributed
+            and self.ttl is not None
+            and self.lease_ttl >= self.ttl + self.stale_ttl
+        ):
+            raise ConfigurationError("lease_ttl must be shorter than the entry's lifetime")
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """Counters of one :class:`Cache` in this process since it was created.
+
+    :meth:`Cache.stats` returns a copy: later activity does not change it.
+
+    Attributes:
+        hits: reads answered from Redis with a fresh value (or a cached "not found").
+        misses: reads that found nothing usable (absent, invalidated, unreadable).
+        loads: loader calls that returned.
+        coalesced: misses that joined a load already in flight instead of starting one.
+        stale_served: reads answered with a value past its fresh TTL.
+        refreshes: background refreshes started (stale-while-revalidate and early).
+        early_refreshes: refreshes started by XFetch before the entry went stale.
+        load_errors: loader calls that raised.
+        stale_if_error: failed refreshes that left the stale value in place.
+        fills_refused: loaded values not written because the entry changed meanwhile
+            (an invalidate or set won the race) or the load outlasted ``max_load_time``.
+        oversize_skips: values not stored because they were too large.
+        lease_waits: loads this process waited on in another process (distributed).
+        lease_timeouts: waits that ran out and loaded here instead.
+        shared_reads: reads answered by another reader's GET of the same key that was
+            already in flight (a hot key costs one round trip per batch of readers).
+        fill_errors: loaded values returned to their callers but not cached because
+            Redis failed during the fill.
+    """
+
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    coalesced: int = 0
+    stale_served: int = 0
+    refreshes: int = 0
+    early_refreshes: int = 0
+    load_errors: int = 0
+    stale_if_error: int = 0
+    fills_refused: int = 0
+    oversize_skips: int = 0
+    lease_waits: int = 0
+    lease_timeouts: int = 0
+    shared_reads: int = 0
+    fill_errors: int = 0
+
+
+class _Flight:
+    """One load in flight for one key: what its waiters await."""
+
+    __slots__ = ("done", "error", "refresh", "traceback", "value")
+
+    def __init__(self, *, refresh: bool) -> None:
+        self.done = anyio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.traceback: TracebackType | None = None
+        self.refresh = refresh
+
+
+class _Read:
+    """One GET in flight for one key, shared by the readers that arrive meanwhile."""
+
+    __slots__ = ("done", "ok", "raw")
+
+    def __init__(self) -> None:
+        self.done: anyio.Event | None = None  # made by the first reader that joins
+        self.raw: bytes | None = None
+        self.ok = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    kind: int
+    version: bytes
+    fresh_until: int
+    delta_ms: int
+    payload: bytes
+
+
+def _decode_entry(raw: bytes) -> _Entry | None:
+    """The entry in ``raw``, or None when it is not one of ours (or a tombstone)."""
+    if len(raw) < _HEADER_SIZE or raw[0] not in (_VALUE, _NEGATIVE, _TOMBSTONE):
+        return None
+    kind, version, fresh_until, delta_ms = _HEADER.unpack_from(raw)
+    return _Entry(kind, version, fresh_until, delta_ms, raw[_HEADER_SIZE:])
+
+
+def _jittered_ms(seconds: float, jitter: float) -> int:
+    factor = 1.0 - random.random() * jitter if jitter else 1.0
+    return max(1, int(seconds * 1000 * factor))
+
+
+class Cache(AsyncContextManagerMixin):
+    """A cache-aside cache on Redis. Open it with ``async with Cache(client, ttl=...)``.
+
+    Keys are the caller's strings; each is stored as ``<prefix>:cache:{<key>}`` (one
+    cluster slot per entry, shared with its lease). Values go through ``serializer``
+    (JSON by default).
+
+    Args:
+        client: a ``redis.asyncio.Redis`` or ``RedisCluster`` (see ``connect()``); not
+            closed by the cache.
+        ttl: seconds an entry is fresh, or ``None`` explicitly for no expiry. Required.
+        serializer: how values become bytes (default: JSON).
+        prefix: the namespace of every key (no braces).
+        **policy: the other fields of :class:`CachePolicy`.
+
+    Closing (leaving ``async with``) cancels loads and refreshes still in flight: their
+    waiters get :class:`CacheClosed`, leases they held are released (shielded, bounded)
+    and no task of the cache is left running. Redis keeps every entry already written.
+
+    Raises:
+        ConfigurationError: bad options (before any command is sent).
+    """
+
+    def __init__(
+        self,
+        client: AnyRedis,
+        *,
+        ttl: float | _Unset | None = UNSET,
+        serializer: Serializer | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        stale_ttl: float = 0.0,
+        negative_ttl: float | None = None,
+        jitter: float = 0.1,
+        early_refresh: float | None = None,
+        distributed: bool = False,
+        lease_ttl: float = 10.0,
+        lease_wait: float | None = None,
+        max_load_time: float = 60.0,
+        refresh_backoff: float = 1.0,
+        max_value_size: int | None = MiB,
+        oversize: Literal["raise", "skip"] = "raise",
+    ) -> None:
+        self._client = check_client(client)
+        self.policy = CachePolicy(
+            ttl=ttl,  # type: ignore[arg-type]  # UNSET is refused in __post_init__
+            stale_ttl=stale_ttl,
+            negative_ttl=negative_ttl,
+            jitter=jitter,
+            early_refresh=early_refresh,
+            distributed=distributed,
+            lease_ttl=lease_ttl,
+            lease_wait=lease_wait,
+            max_load_time=max_load_time,
+            refresh_backoff=refresh_backoff,
+            max_value_size=max_value_size,
+            oversize=oversize,
+        )
+        self._serializer = check_serializer(
+            serializer if serializer is not None else default_serializer()
+        )
+        self._prefix = check_prefix(prefix)
+        self._flights: dict[KeyT, _Flight] = {}
+        self._reads: dict[KeyT, _Read] = {}
+        self._key_cache: dict[str | bytes, KeySpace] = {}
+        self._refresh_blocked: dict[KeyT, float] = {}
+        self._counters = CacheStats()
+        self._tg: TaskGroup | None = None
+        self._clock_offset_ms = 0.0
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
+        await self._sync_clock()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            try:
+                yield self
+            finally:
+                self._tg = None
+                tg.cancel_scope.cancel()
+
+    async def _sync_clock(self) -> None:
+        # Fresh-until times are compared by every process: use the server's clock
+        # (one TIME at start, then the local clock plus the measured offset).
+        try:
+            before = time.time()
+            reply = await execute(self._client, "TIME")
+            after = time.time()
+        except RedisPatternsError:
+            return  # unreachable now: local clock until the next open
+        server_ms = int(reply[0]) * 1000 + int(reply[1]) / 1000
+        self._clock_offset_ms = server_ms - (before + after) * 500
+
+    def _now_ms(self) -> float:
+        return time.time() * 1000 + self._clock_offset_ms
+
+    def _task_group(self) -> TaskGroup:
+        if self._tg is None:
+            raise CacheClosed("the cache is not open: use 'async with Cache(...) as cache'")
+        return self._tg
+
+    # ----------------------------------------------------------------- keys, encoding
+
+    def _keys(self, key: str | bytes) -> KeySpace:
+        # Building and validating a key space costs about a microsecond: remember the
+        # recent ones (bounded; cleared wholesale when full, which is cheap and rare).
+        ks = self._key_cache.get(key)
+        if ks is None:
+            if len(self._key_cache) >= _KEY_CACHE_SIZE:
+                self._key_cache.clear()
+            ks = self._key_cache[key] = keyspace(self._prefix, "cache", key)
+        return ks
+
+    def _encode(
+        self, key: object, value: Any, *, seconds: float | None, delta_ms: int, negative: bool
+    ) -> tuple[bytes, int] | None:
+        """The stored form and its TTL in ms (0: none); None when skipped as oversize."""
+        policy = self.policy
+        payload = b"" if negative else self._serializer.dumps(value)
+        size = _HEADER_SIZE + len(payload)
+        if policy.max_value_size is not None and size > policy.max_value_size:
+            if policy.oversize == "raise":
+                raise ValueTooLarge(key, size, policy.max_value_size)
+            self._counters.oversize_skips += 1
+            return None
+        if seconds is None:
+            fresh_until, px = 0, 0
+        else:
+            fresh_ms = _jittered_ms(seconds, policy.jitter)
+            fresh_until = int(self._now_ms()) + fresh_ms
+            px = fresh_ms + (0 if negative else int(policy.stale_ttl * 1000))
+        header = _HEADER.pack(
+            _NEGATIVE if negative else _VALUE,
+            os.urandom(8),
+            fresh_until,
+            min(delta_ms, 0xFFFFFFFF),
+        )
+        return header + payload, px
+
+    def _tombstone(self) -> bytes:
+        return _HEADER.pack(_TOMBSTONE, os.urandom(8), 0, 0)
+
+    def _resolve_ttl(self, ttl: float | _Unset | None) -> float | None:
+        if isinstance(ttl, _Unset):
+            return self.policy.ttl
+        _check_seconds("ttl", ttl, allow_none=True)
+        return ttl
+
+    # ----------------------------------------------------------------- reads
+
+    async def get_or_load(
+        self,
+        key: str | bytes,
+        loader: Callable[[], Awaitable[V]],
+        *,
+        ttl: float | _Unset | None = UNSET,
+    ) -> V:
+        """Return the cached value of ``key``, loading it with ``loader()`` on a miss.
+
+        A fresh hit costs one GET. On a miss one ``loader()`` call runs per key in this
+        process (across the fleet with ``distributed=True``); every concurrent caller
+        gets its result, or its exception (not cached). A value past its fresh TTL but
+        within ``stale_ttl`` is returned at once while one background refresh runs.
+        Concurrent callers of one key share the first caller's loader and ``ttl``.
+
+        Args:
+            key: the cache key (non-empty str or bytes).
+            loader: a coroutine function returning the value; ``None`` means "not found"
+                (cached for ``negative_ttl`` if set, else not cached).
+            ttl: fresh seconds for this entry (default: the cache's ``ttl``).
+
+        Raises:
+            ValueTooLarge: the loaded value is above ``max_value_size`` (policy "raise").
+            CacheClosed: the cache is not open, or closed during the load.
+            ConnectionFailed, CommandTimeout: Redis could not be reached for the read
+                (a failure while filling after a successful load only counts in
+                ``fill_errors``: the loaded value is returned).
+            Whatever ``loader`` raises.
+
+        Cancellation: only this caller stops waiting; the load goes on for the others
+        and still fills the cache when it completes.
+        """
+        ks = self._keys(key)
+        rkey = ks.base
+        flight = self._flights.get(rkey)
+        if flight is not None and not flight.refresh:
+            self._counters.misses += 1
+            self._counters.coalesced += 1
+            return await self._wait(flight)  # type: ignore[no-any-return]
+        seen_at = time.monotonic()  # before the GET: a fill's age counts from here
+        raw = await self._get(rkey)
+        if raw is not None:
+            entry = _decode_entry(raw)
+            if entry is not None and entry.kind != _TOMBSTONE:
+                now = self._now_ms()
+                value: Any = (
+                    None if entry.kind == _NEGATIVE else self._serializer.loads(entry.payload)
+                )
+                if entry.fresh_until == 0 or now < entry.fresh_until:
+                    self._counters.hits += 1
+                    beta = self.policy.early_refresh
+                    if (
+                        beta is not None
+                        and entry.delta_ms
+                        and now - entry.delta_ms * beta * math.log(1.0 - random.random())
+                        >= entry.fresh_until
+                    ) and self._start_refresh(ks, entry, loader, ttl):
+                        self._counters.early_refreshes += 1
+                    return value  # type: ignore[no-any-return]
+                self._counters.stale_served += 1
+                self._start_refresh(ks, entry, loader, ttl)
+                return value  # type: ignore[no-any-return]
+            seen = entry.version if entry is not None else _NO_VERSION
+        else:
+            seen = _NO_VERSION
+        self._counters.misses += 1
+        return await self._join(ks, seen, seen_at, loader, ttl)  # type: ignore[no-any-return]
+
+    async def _get(self, rkey: KeyT) -> bytes | None:
+        """GET ``rkey``; readers arriving while a GET of it is in flight share its reply.
+
+        A hot key then costs one round trip per batch of readers. A reader that joins
+        is never hurt by the sender's cancellation or error: it sends its own GET.
+        Writes from this process (set, invalidate, fills) detach the shared GET first,
+        so a read that begins after a write returns never gets a reply older than it.
+        """
+        shared = self._reads.get(rkey)
+        if shared is not None:
+            if shared.done is None:
+                shared.done = anyio.Event()
+            await shared.done.wait()
+            if shared.ok:
+                self._counters.shared_reads += 1
+                return shared.raw
+            return await execute(self._client, "GET", rkey)  # type: ignore[no-any-return]
+        shared = self._reads[rkey] = _Read()
+        try:
+            shared.raw = await execute(self._client, "GET", rkey)
+            shared.ok = True
+            return shared.raw
+        finally:
+            if self._reads.get(rkey) is shared:
+                del self._reads[rkey]
+            if shared.done is not None:
+                shared.done.set()
+
+    async def get(self, key: str | bytes, default: Any = None) -> Any:
+        """The cached value of ``key`` (fresh or within ``stale_ttl``), else ``default``.
+
+        A cached "not found" also returns ``default``. Never loads, never refreshes.
+        Cancellation: nothing to undo (a read).
+        """
+        raw = await self._get(self._keys(key).base)
+        return self._value_of(raw, default)
+
+    def _value_of(self, raw: bytes | None, default: Any) -> Any:
+        entry = _decode_entry(raw) if raw is not None else None
+        if entry is None or entry.kind == _TOMBSTONE:
+            self._counters.misses += 1
+            return default
+        self._counters.hits += 1
+        if entry.kind == _NEGATIVE:
+            return default
+        return self._serializer.loads(entry.payload)
+
+    async def get_many(self, keys: Iterable[str | bytes]) -> dict[str | bytes, Any]:
+        """The cached values of ``keys`` in pipelined batches (cluster-safe).
+
+        The result maps each key that has a value (fresh or within ``stale_ttl``);
+        misses and cached "not found" entries are left out. Never loads.
+        Cancellation: nothing to undo (reads).
+        """
+        wanted = list(keys)
+        replies = await self._pipeline([("GET", self._keys(k).base) for k in wanted])
+        missing = object()
+        found: dict[str | bytes, Any] = {}
+        for key, raw in zip(wanted, replies, strict=True):
+            value = self._value_of(raw, missing)
+            if value is not missing:
+                found[key] = value
+        return found
+
+    # ----------------------------------------------------------------- writes
+
+    async def set(
+        self, key: str | bytes, value: Any, *, ttl: float | _Unset | None = UNSET
+    ) -> bool:
+        """Store ``value`` under ``key`` with a new version (write-through on update).
+
+        A load that began before this call will not overwrite it. Returns False only
+        when the value was skipped as oversize (policy "skip").
+
+        Raises:
+            ValueTooLarge: above ``max_value_size`` (policy "raise"); nothing written.
+            SerializationError: ``value`` cannot be serialized; nothing written.
+
+        Cancellation: the SET may or may not have reached Redis.
+        """
+        ks = self._keys(key)
+        seconds = self._resolve_ttl(ttl)
+        encoded = self._encode(key, value, seconds=seconds, delta_ms=0, negative=value is None)
+        if encoded is None:
+            return False
+        blob, px = encoded
+        self._reads.pop(ks.base, None)
+        args: tuple[Any, ...] = ("SET", ks.base, blob) + (("PX", px) if px else ())
+        await execute(self._client, *args)
+        return True
+
+    async def set_many(
+        self,
+        items: Mapping[str | bytes, Any] | Iterable[tuple[str | bytes, Any]],
+        *,
+        ttl: float | _Unset | None = UNSET,
+        only_missing: bool = False,
+    ) -> int:
+        """Store many values in pipelined batches (cluster-safe); returns how many were written.
+
+        With ``only_missing=True`` live entries are kept (invalidated ones are written).
+        Oversize values
+        raise (before anything is written) or are skipped, per the policy.
+
+        Cancellation: some batches may have been written, others not.
+        """
+        seconds = self._resolve_ttl(ttl)
+        pairs = items.items() if isinstance(items, Mapping) else items
+        commands: list[tuple[Any, ...]] = []
+        for key, value in pairs:
+            encoded = self._encode(key, value, seconds=seconds, delta_ms=0, negative=value is None)
+            if encoded is None:
+                continue
+            blob, px = encoded
+            rkey = self._keys(key).base
+            self._reads.pop(rkey, None)
+            command: tuple[Any, ...]
+            if only_missing:
+                # EVAL, not EVALSHA: a pipeline cannot fall back on NOSCRIPT per command,
+                # and warming is a cold-start operation where the script text is cheap.
+                command = ("EVAL", _WARM.source, 1, rkey, blob, px)
+            else:
+                command = ("SET", rkey, blob) + (("PX", px) if px else ())
+            commands.append(command)
+        replies = await self._pipeline(commands)
+        return sum(1 for reply in replies if reply)
+
+    async def warm(
+        self,
+        items: Mapping[str | bytes, Any] | Iterable[tuple[str | bytes, Any]],
+        *,
+        ttl: float | _Unset | None = UNSET,
+    ) -> int:
+        """Pre-warm a cold cache: store the values whose keys hold nothing yet.
+
+        Live entries (fresher than what a warm-up computed) are kept; invalidated ones
+        are written. Returns
+        how many were written. Same batching, limits and cancellation as :meth:`set_many`.
+        """
+        return await self.set_many(items, ttl=ttl, only_missing=True)
+
+    async def invalidate(self, *keys: str | bytes) -> None:
+        """Drop ``keys`` from the cache (call it after writing the source of truth).
+
+        Each entry is replaced by a small tombstone that lives ``max_load_time`` (+5 s), so a
+        load that began before this call cannot write its older value afterwards; the
+        next read loads afresh.
+
+        Cancellation: some keys may have been invalidated, others not.
+        """
+        if not keys:
+            return
+        # The slack covers the fill's trip to Redis after the client-side time check.
+        ttl_ms = int(self.policy.max_load_time * 1000) + _TOMBSTONE_SLACK_MS
+        commands = [("SET", self._keys(k).base, self._tombstone(), "PX", ttl_ms) for k in keys]
+        for command in commands:
+            self._reads.pop(command[1], None)
+        if len(commands) == 1:
+            await execute(self._client, *commands[0])
+        else:
+            await self._pipeline(commands)
+
+    async def _pipeline(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        replies: list[Any] = []
+        for start in range(0, len(commands), _PIPELINE_CHUNK):
+            pipe = self._client.pipeline(transaction=False)
+            for command in commands[start : start + _PIPELINE_CHUNK]:
+                pipe.execute_command(*command)
+            with map_redis_errors():
+                replies.extend(await pipe.execute())
+        return replies
+
+    # ----------------------------------------------------------------- stats
+
+    def stats(self) -> CacheStats:
+        """A snapshot of this cache's counters (this process only)."""
+        return copy.copy(self._counters)
+
+    # ----------------------------------------------------------------- single flight
+
+    async def _wait(self, flight: _Flight) -> Any:
+        # Only this waiter is cancelled here; the flight runs in the cache's task group.
+        await flight.done.wait()
+        if flight.error is not None:
+            # Every waiter raises the same exception object: reset its traceback each
+            # time so it does not grow by one chain per waiter.
+            raise flight.error.with_traceback(flight.traceback)
+        return flight.value
+
+    async def _join(
+        self,
+        ks: KeySpace,
+        seen: bytes,
+        seen_at: float,
+        loader: Callable[[], Awaitable[Any]],
+        ttl: float | _Unset | None,
+    ) -> Any:
+        while True:
+            flight = self._flights.get(ks.base)
+            if flight is None:
+                seconds = self._resolve_ttl(ttl)
+                tg = self._task_group()
+                flight = _Flight(refresh=False)
+                self._flights[ks.base] = flight
+                tg.start_soon(self._run_flight, ks, flight, seen, seen_at, loader, seconds, None)
+                break
+            if not flight.refresh:
+                self._counters.coalesced += 1
+                break
+            # A refresh of a value that has since gone (invalidated): its result may
+            # predate the invalidation, so wait for it to end and load afresh.
+            await flight.done.wait()
+        return await self._wait(flight)
+
+    def _start_refresh(
+        self,
+        ks: KeySpace,
+        entry: _Entry,
+        loader: Callable[[], Awaitable[Any]],
+        ttl: float | _Unset | None,
+    ) -> bool:
+        """Start one background refresh of ``ks`` unless one runs; True if started."""
+        rkey = ks.base
+        if rkey in self._flights or self._tg is None:
+            return False
+        blocked = self._refresh_blocked.get(rkey)
+        if blocked is not None:
+            if anyio.current_time() < blocked:
+                return False
+            del self._refresh_blocked[rkey]
+        seconds = self._resolve_ttl(ttl)
+        self._counters.refreshes += 1
+        flight = _Flight(refresh=True)
+        self._flights[rkey] = flight
+        self._tg.start_soon(
+            self._run_flight,
+            ks,
+            flight,
+            entry.version,
+            time.monotonic(),
+            loader,
+            seconds,
+            entry,
+        )
+        return True
+
+    async def _run_flight(
+        self,
+        ks: KeySpace,
+        flight: _Flight,
+        seen: bytes,
+        seen_at: float,
+        loader: Callable[[], Awaitable[Any]],
+        seconds: float | None,
+        stale: _Entry | None,
+    ) -> None:
+        try:
+            if stale is not None:
+                flight.value = await self._refresh(ks, seen, seen_at, loader, seconds)
+            elif self.policy.distributed:
+                flight.value = await self._load_distributed(ks, seen, seen_at, loader, seconds)
+            else:
+                flight.value = await self._load_and_fill(ks, seen, seen_at, loader, seconds, "")
+        except Exception as exc:
+            flight.error, flight.traceback = exc, exc.__traceback__
+            if stale is not None:
+                # Stale-if-error: the stale entry stays in Redis until its stale TTL ends.
+                self._counters.stale_if_error += 1
+                if len(self._refresh_blocked) >= _KEY_CACHE_SIZE:
+                    self._refresh_blocked.clear()  # bounded: forgetting only retries sooner
+                self._refresh_blocked[ks.base] = anyio.current_time() + self.policy.refresh_backoff
+        except BaseException:
+            flight.error = CacheClosed("the cache was closed while this load was in flight")
+            raise
+        finally:
+            if self._flights.get(ks.base) is flight:
+                del self._flights[ks.base]
+            flight.done.set()
+
+    async def _load_and_fill(
+        self,
+        ks: KeySpace,
+        seen: bytes,
+        seen_at: float,
+        loader: Callable[[], Awaitable[Any]],
+        seconds: float | None,
+        token: str,
+    ) -> Any:
+        """Run the loader and fill the entry if it did not change since ``seen``.
+
+        With a lease ``token``, the lease is released and other processes are woken
+        whatever happens (shielded, so a closing cache still lets them go).
+        """
+        filled = False
+        try:
+            started = time.monotonic()
+            try:
+                value = await loader()
+            except Exception:
+                self._counters.load_errors += 1
+                raise
+            finished = time.monotonic()
+            self._counters.loads += 1
+            negative = value is None
+            if negative and self.policy.negative_ttl is None:
+                return value
+            encoded = self._encode(
+                ks.base,
+                value,
+                seconds=self.policy.negative_ttl if negative else seconds,
+                delta_ms=int((finished - started) * 1000),
+                negative=negative,
+            )
+            if encoded is None:
+                return value
+            if finished - seen_at >= self.policy.max_load_time:
+                # An invalidation's tombstone may have expired: writing could be stale.
+                self._counters.fills_refused += 1
+                return value
+            blob, px = encoded
+            self._reads.pop(ks.base, None)
+            try:
+                written = await _FILL.run(
+                    self._client,
+                    [ks.base, ks.key("lease"), ks.key("wake")],
+                    [seen, blob, px, token, self._wake_ms()],
+                )
+            except RedisPatternsError:
+                # The value is good; only caching it failed. Callers get it, the next
+                # miss loads again, and a lease we held expires on its own.
+                self._counters.fill_errors += 1
+                filled = True
+                return value
+            filled = True
+            if not written:
+                self._counters.fills_refused += 1
+            return value
+        finally:
+            if token and not filled:
+                with (
+                    anyio.move_on_after(2.0, shield=True),
+                    contextlib.suppress(RedisPatternsError),  # the lease expires anyway
+                ):
+                    await _FILL.run(
+                        self._client,
+                        [ks.base, ks.key("lease"), ks.key("wake")],
+                        [seen, b"", 0, token, self._wake_ms()],
+                    )
+
+    def _wake_ms(self) -> int:
+        return int(self.policy.lease_ttl * 1000)
+
+    async def _load_distributed(
+        self,
+        ks: KeySpace,
+        seen: bytes,
+        seen_at: float,
+        loader: Callable[[], Awaitable[Any]],
+        seconds: float | None,
+    ) -> Any:
+        policy = self.policy
+        token = os.urandom(12).hex()
+        lease_ms = int(policy.lease_ttl * 1000)
+        wait = policy.lease_ttl if policy.lease_wait is None else policy.lease_wait
+        deadline = anyio.current_time() + wait
+        keys = [ks.base, ks.key("lease"), ks.key("wake")]
+        waited = False
+        while True:
+            status, data = await _ACQUIRE.run(self._client, keys, [token, lease_ms])
+            if status == 1:
+                entry = _decode_entry(data)
+                if entry is not None:
+                    return (
+                        None if entry.kind == _NEGATIVE else self._serializer.loads(entry.payload)
+                    )
+                break  # not ours: load without the lease
+            if status == 2:
+                entry = _decode_entry(data) if data else None
+                seen = entry.version if entry is not None else _NO_VERSION
+                return await self._load_and_fill(ks, seen, time.monotonic(), loader, seconds, token)
+            if not waited:
+                waited = True
+                self._counters.lease_waits += 1
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                self._counters.lease_timeouts += 1
+                break
+            # Sleep until the holder's fill wakes us, its lease runs out, or our wait ends
+            # (in slices below any client's socket timeout: a cluster client reads a
+            # blocking reply under its socket timeout).
+            lease_left = int(data) / 1000 + 0.02 if int(data) > 0 else 0.05
+            block = max(0.01, min(remaining, lease_left, _MAX_BLOCK))
+            await self._wait_for_wake(ks.key("wake"), block)
+        return await self._load_and_fill(ks, seen, seen_at, loader, seconds, "")
+
+    async def _wait_for_wake(self, wake_key: KeyT, seconds: float) -> None:
+        # BLMOVE list->same list keeps the element there, so every blocked waiter of
+        # every process is served in turn by one push (a broadcast without pub/sub).
+        info = await server_info(self._client)
+        timeout = f"{seconds:.3f}"
+        if info.blmove:
+            command: tuple[Any, ...] = ("BLMOVE", wake_key, wake_key, "RIGHT", "LEFT", timeout)
+        else:
+            command = ("BRPOPLPUSH", wake_key, wake_key, timeout)
+        await execute_blocking(self._client, *command, block=seconds)
+
+    async def _refresh(
+        self,
+        ks: KeySpace,
+        seen: bytes,
+        seen_at: float,
+        loader: Callable[[], Awaitable[Any]],
+        seconds: float | None,
+    ) -> Any:
+        token = ""
+        if self.policy.distributed:
+            token = os.urandom(12).hex()
+            lease_ms = int(self.policy.lease_ttl * 1000)
+            taken = await execute(self._client, "SET", ks.key("lease"), token, "NX", "PX", lease_ms)
+            if not taken:
+                return None  # another process is refreshing this key
+        return await self._load_and_fill(ks, seen, seen_at, loader, seconds, token)
+
+    # ----------------------------------------------------------------- decorator
+
+    def cached(
+        self,
+        *,
+        ttl: float | _Unset | None = UNSET,
+        key: str | Callable[..., str] | None = None,
+    ) -> Callable[[Callable[P, Awaitable[R]]], CachedFunction[P, R]]:
+        """Cache a coroutine function's results, keyed by its arguments.
+
+        Args:
+            ttl: fresh seconds (default: the cache's ``ttl``).
+            key: ``None`` (default) builds the key from the function's module, name and
+                bound arguments (deterministic and injective: ``f(1)`` and ``f(x=1)`` share
+                a key, ``f(1)`` and ``f("1")`` do not; arguments must be None, bool, int,
+                float, str, bytes or tuples/lists/dicts/sets of those). A format string
+                such as ``"user:{user_id}"`` is filled from the bound arguments; a callable
+                gets the call's arguments and returns the key.
+
+        Returns a :class:`CachedFunction`; calling it behaves like :meth:`get_or_load`.
+        """
+
+        def decorate(func: Callable[P, Awaitable[R]]) -> CachedFunction[P, R]:
+            if not inspect.iscoroutinefunction(func):
+                raise ConfigurationError("cached() decorates coroutine functions (async def)")
+            if key is not None and not isinstance(key, str) and not callable(key):
+                raise ConfigurationError("key must be a format string, a callable or None")
+            return CachedFunction(self, func, ttl=ttl, key=key)
+
+        return decorate
+
+
+class CachedFunction(Generic[P, R]):
+    """A coroutine function whose results live in a :class:`Cache` (see ``Cache.cached``).
+
+    Calling it returns the cached result or runs the function once (single flight) on a
+    miss; :meth:`invalidate` with the same arguments drops that result.
+    """
+
+    def __init__(
+        self,
+        cache: Cache,
+        func: Callable[P, Awaitable[R]],
+        *,
+        ttl: float | _Unset | None,
+        key: str | Callable[..., str] | None,
+    ) -> None:
+        self._cache = cache
+        self._func = func
+        self._ttl = ttl
+        self._key = key
+        self._signature = inspect.signature(func)
+        self._name = function_name(func)
+        functools.update_wrapper(self, func)
+
+    def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The cache key of a call with these arguments."""
+        if self._key is None:
+            return call_key(self._name, self._signature, args, kwargs)
+        if isinstance(self._key, str):
+            bound = self._signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return self._key.format(**bound.arguments)
+        return self._key(*args, **kwargs)
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._cache.get_or_load(
+            self.key_for(*args, **kwargs),
+            functools.partial(self._func, *args, **kwargs),
+            ttl=self._ttl,
+        )
+
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Drop the cached result of a call with these arguments."""
+        await self._cache.invalidate(self.key_for(*args, **kwargs))
