@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -299,8 +299,13 @@ class Hub:
         sharded: bool,
         reconnect: ReconnectPolicy | None,
         health_check_interval: float | None,
+        decode: Callable[[Any], Any] | None = None,
     ) -> None:
         self.client = client
+        # With many sinks (Broadcast), each message is decoded once here and the result
+        # shared; with one sink it is decoded lazily by its consumer (dropped messages
+        # are never decoded).
+        self.decode = decode
         self.sharded = sharded
         self.reconnect = reconnect
         self.health_check_interval = health_check_interval
@@ -532,8 +537,9 @@ class Hub:
                 self._confirmed(kind, reply[1])
             return  # pong, unsubscribe confirmations
         if sinks is not None:
+            item = reply if self.decode is None else self.decode(reply)
             for sink in sinks:
-                sink.put(reply)
+                sink.put(item)
 
     async def _read_forever(self) -> None:
         try:
@@ -550,6 +556,8 @@ class Hub:
             self._fail(translate(exc) or exc)
 
     async def _read(self, conn: Any) -> None:
+        if self.decode is not None:
+            return await self._read_decoding(conn, self.decode)
         read = conn.read_response
         channels = self.channels
         patterns = self.patterns
@@ -570,6 +578,26 @@ class Hub:
                         sink.put(reply)
             else:
                 self._dispatch(reply)
+
+    async def _read_decoding(self, conn: Any, decode: Callable[[Any], Any]) -> None:
+        read = conn.read_response
+        channels = self.channels
+        patterns = self.patterns
+        while True:
+            reply = await read(timeout=math.inf, disconnect_on_error=False, push_request=True)
+            self._activity += 1
+            kind = reply[0]
+            if kind in (_MESSAGE, _SMESSAGE):
+                sinks = channels.get(reply[1])
+            elif kind == _PMESSAGE:
+                sinks = patterns.get(reply[1])
+            else:
+                self._dispatch(reply)
+                continue
+            if sinks:
+                item = decode(reply)
+                for sink in sinks:
+                    sink.put(item)
 
     async def _recover(self, cause: BaseException) -> None:
         """Reconnect with backoff and resubscribe; queue a gap notice for every sink."""

@@ -32,7 +32,7 @@ Cross-instance cache invalidation is ``publish(redis, channel, keys)`` on writes
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Self
@@ -55,7 +55,7 @@ from ._pubsub_hub import (
     channel_names,
     pattern_names,
 )
-from .errors import ConfigurationError
+from .errors import ConfigurationError, SerializationError
 from .serializers import Serializer, check_serializer, default_serializer
 
 __all__ = (
@@ -269,23 +269,51 @@ class Subscription(AsyncContextManagerMixin):
         if not queue:
             await sink.wait()
         item = queue.popleft()
-        if item.__class__ is Gap:
-            return item
+        kind = item.__class__
+        if kind is Gap:
+            return item  # type: ignore[no-any-return]
         sink.delivered += 1
-        if len(item) == 3:  # [b"message" | b"smessage", channel, data]
-            return Message(
-                item[1].decode(errors="surrogateescape"),
-                self._loads(item[2]),
-                None,
-                item[0] == _SMESSAGE,
-            )
-        # [b"pmessage", pattern, channel, data]
+        if kind is Message:  # decoded once by a Broadcast
+            return item  # type: ignore[no-any-return]
+        if kind is _Undecodable:
+            raise SerializationError(str(item.error)) from item.error
+        return _to_message(item, self._loads)
+
+
+class _Undecodable:
+    """A Broadcast message whose payload failed to decode (each consumer raises anew)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: SerializationError) -> None:
+        self.error = error
+
+
+def _to_message(reply: Any, loads: Callable[[bytes], Any]) -> Message:
+    if len(reply) == 3:  # [b"message" | b"smessage", channel, data]
         return Message(
-            item[2].decode(errors="surrogateescape"),
-            self._loads(item[3]),
-            item[1].decode(errors="surrogateescape"),
-            False,
+            reply[1].decode(errors="surrogateescape"),
+            loads(reply[2]),
+            None,
+            reply[0] == _SMESSAGE,
         )
+    # [b"pmessage", pattern, channel, data]
+    return Message(
+        reply[2].decode(errors="surrogateescape"),
+        loads(reply[3]),
+        reply[1].decode(errors="surrogateescape"),
+        False,
+    )
+
+
+def _decoder(loads: Callable[[bytes], Any]) -> Callable[[Any], Message | _Undecodable]:
+    def decode(reply: Any) -> Message | _Undecodable:
+        try:
+            return _to_message(reply, loads)
+        except SerializationError as exc:
+            return _Undecodable(exc)
+
+    return decode
 
 
 def subscribe(
@@ -388,7 +416,8 @@ class Broadcast(AsyncContextManagerMixin):
     last one to leave unsubscribes there. Each local subscriber has its own bounded
     buffer, policy and stats, so one slow subscriber drops its own messages without
     holding up the others. After a reconnect every local subscriber receives the
-    :class:`Gap`.
+    :class:`Gap`. Each payload is decoded once and the same object is handed to every
+    local subscriber of it: treat payloads as read-only.
 
     Args:
         client: a ``redis.asyncio`` client; the broadcast holds one pooled connection
@@ -429,6 +458,7 @@ class Broadcast(AsyncContextManagerMixin):
             sharded=sharded,
             reconnect=self._reconnect,
             health_check_interval=self._health_check_interval,
+            decode=_decoder(self._serializer.loads),
         )
         async with hub.running():
             self._hub = hub

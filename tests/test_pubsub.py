@@ -572,3 +572,22 @@ async def test_plain_pubsub_on_a_cluster_client(cluster_client: Any) -> None:
             await publish(cluster_client, channel, channel)
         got = [await _next(messages) for _ in channels]
     assert sorted(m.payload for m in got) == sorted(channels)  # type: ignore[union-attr]
+
+
+async def test_broadcast_decodes_once_and_reports_bad_payloads_to_each_subscriber(
+    redis_client: Any,
+) -> None:
+    channel = _channel()
+    async with (
+        Broadcast(redis_client) as hub,
+        hub.subscribe(channel) as first,
+        hub.subscribe(channel) as second,
+    ):
+        await redis_client.publish(channel, b"{not json")
+        await hub.publish(channel, {"k": [1]})
+        for sub in (first, second):
+            with pytest.raises(SerializationError):
+                await _next(sub)
+        one, two = await _next(first), await _next(second)
+        assert one == two == Message(channel, {"k": [1]})
+        assert one.payload is two.payload  # type: ignore[union-attr]
