@@ -358,10 +358,11 @@ class Hub:
 
     async def _acquire(self) -> None:
         client = self.client
+        node: Any = None
+        if is_cluster(client):
+            node = self._cluster_node()
         try:
-            if is_cluster(client):
-                # Plain pub/sub messages reach every node of a cluster; one node will do.
-                node = client.get_default_node()  # type: ignore[union-attr]
+            if node is not None:
                 self._pool = node
                 self._conn = node.acquire_connection()
                 await self._conn.connect()
@@ -371,6 +372,20 @@ class Hub:
         except Exception as exc:
             self._conn = None
             raise _connection_error(exc) from exc
+
+    def _cluster_node(self) -> Any:
+        client: Any = self.client
+        if not (self.sharded and self.channels):
+            # Plain pub/sub messages reach every node of a cluster; one node will do.
+            return client.get_default_node()
+        # A sharded channel lives on the node that owns its slot.
+        nodes = {name: client.get_node_from_key(name) for name in self.channels}
+        if len({node.name for node in nodes.values()}) > 1:
+            raise ConfigurationError(
+                "sharded channels of one subscription must live on one cluster node "
+                "(give them a common {hash tag}, or subscribe to each separately)"
+            )
+        return next(iter(nodes.values()))
 
     async def _release(self) -> None:
         conn, self._conn = self._conn, None

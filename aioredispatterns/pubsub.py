@@ -211,11 +211,6 @@ class Subscription(AsyncContextManagerMixin):
                     await hub.detach(sink)
             return
         sharded = await _use_sharded(self._client, self._sharded)
-        if sharded and is_cluster(self._client):
-            raise ConfigurationError(
-                "sharded subscribe() on a cluster client is not supported yet: "
-                "use sharded=False (plain pub/sub reaches every node)"
-            )
         hub = Hub(
             self._client,
             sharded=sharded,
@@ -341,7 +336,8 @@ def subscribe(
         patterns: glob-style patterns (PSUBSCRIBE).
         sharded: use SSUBSCRIBE for the channels where the server has it (7.0+), plain
             SUBSCRIBE elsewhere; publish with ``publish(..., sharded=True)`` to match.
-            Patterns are never sharded. Not yet supported on a cluster client.
+            Patterns are never sharded. On a cluster client the sharded channels of one
+            subscription must live on one node (a common ``{hash tag}``).
         serializer: decodes payloads (default JSON); use the publisher's serializer.
         buffer: the bounded buffer between the socket and the consumer.
         reconnect: how to reconnect after a lost connection; ``None`` ends the iteration
@@ -355,7 +351,8 @@ def subscribe(
         server cannot be reached (reconnection covers losses after that).
 
     Raises:
-        ConfigurationError: bad options, or no channel and no pattern (before any command).
+        ConfigurationError: bad options, or no channel and no pattern (before any command);
+            on entering, sharded channels spread over several cluster nodes.
     """
     client = check_client(client)
     chosen = _check_options(serializer, buffer, reconnect, health_check_interval)

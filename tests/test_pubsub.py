@@ -591,3 +591,37 @@ async def test_broadcast_decodes_once_and_reports_bad_payloads_to_each_subscribe
         one, two = await _next(first), await _next(second)
         assert one == two == Message(channel, {"k": [1]})
         assert one.payload is two.payload  # type: ignore[union-attr]
+
+
+@pytest.mark.cluster
+async def test_sharded_pubsub_on_a_cluster_client(cluster_client: Any) -> None:
+    tag = uuid.uuid4().hex[:8]
+    channels = [f"{{{tag}}}:a", f"{{{tag}}}:b"]  # one slot, so one node
+    async with subscribe(cluster_client, *channels, sharded=True) as messages:
+        assert messages.sharded
+        for channel in channels:
+            assert await publish(cluster_client, channel, channel, sharded=True) == 1
+        got = [await _next(messages) for _ in channels]
+    assert got == [Message(c, c, None, True) for c in channels]
+    spread = [f"{_channel()}:{i}" for i in range(20)]  # certainly more than one node
+    with pytest.raises(ConfigurationError, match="one cluster node"):
+        async with subscribe(cluster_client, *spread, sharded=True):
+            pass
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_resp2_and_resp3_clients(redis_server: Any, protocol: Any) -> None:
+    client = connect(redis_server.url, protocol=protocol)
+    channel = _channel()
+    try:
+        async with (
+            subscribe(client, channel, patterns=[f"{channel}*"]) as messages,
+            Broadcast(client) as hub,
+            hub.subscribe(channel) as local,
+        ):
+            await publish(client, channel, protocol)
+            got = {await _next(messages), await _next(messages)}
+            assert got == {Message(channel, protocol), Message(channel, protocol, f"{channel}*")}
+            assert await _next(local) == Message(channel, protocol)
+    finally:
+        await client.aclose()
