@@ -571,33 +571,11 @@ class Hub:
             self._fail(translate(exc) or exc)
 
     async def _read(self, conn: Any) -> None:
-        if self.decode is not None:
-            return await self._read_decoding(conn, self.decode)
+        # The hot path: one read, one dict lookup and a put per subscriber per message.
         read = conn.read_response
         channels = self.channels
         patterns = self.patterns
-        while True:
-            reply = await read(timeout=math.inf, disconnect_on_error=False, push_request=True)
-            self._activity += 1
-            # The hot path, inlined: one dict lookup and a put per subscriber.
-            kind = reply[0]
-            if kind in (_MESSAGE, _SMESSAGE):
-                sinks = channels.get(reply[1])
-                if sinks is not None:
-                    for sink in sinks:
-                        sink.put(reply)
-            elif kind == _PMESSAGE:
-                sinks = patterns.get(reply[1])
-                if sinks is not None:
-                    for sink in sinks:
-                        sink.put(reply)
-            else:
-                self._dispatch(reply)
-
-    async def _read_decoding(self, conn: Any, decode: Callable[[Any], Any]) -> None:
-        read = conn.read_response
-        channels = self.channels
-        patterns = self.patterns
+        decode = self.decode
         while True:
             reply = await read(timeout=math.inf, disconnect_on_error=False, push_request=True)
             self._activity += 1
@@ -610,7 +588,7 @@ class Hub:
                 self._dispatch(reply)
                 continue
             if sinks:
-                item = decode(reply)
+                item = reply if decode is None else decode(reply)
                 for sink in sinks:
                     sink.put(item)
 
