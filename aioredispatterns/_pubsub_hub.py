@@ -157,6 +157,7 @@ class Sink:
     """One consumer's bounded buffer. The reader calls :meth:`put`; the consumer awaits."""
 
     __slots__ = (
+        "buffered",
         "closed",
         "delivered",
         "dropped",
@@ -178,32 +179,28 @@ class Sink:
         self.failure: BaseException | None = None
         self.closed = False
         self.received = 0
+        self.buffered = 0  # messages in the queue (gap notices are not counted)
         self.delivered = 0
         self.dropped = 0
         self.gaps = 0
         self.gap_seconds = 0.0
 
     def put(self, item: Any) -> None:
-        """Buffer one raw reply: ``[kind, channel, data]`` or ``[kind, pattern, channel, data]``."""
+        """Buffer one message (a raw reply, or a decoded one for a Broadcast)."""
         if self.failure is not None:
             return
         self.received += 1
-        queue = self.queue
-        if len(queue) >= self.size:
+        if self.buffered >= self.size:
             overflow = self.overflow
+            self.dropped += 1
             if overflow == "drop_oldest":
-                oldest = queue.popleft()
-                if oldest.__class__ is Gap:
-                    # A gap notice is never dropped: evict the message after it instead.
-                    queue.popleft()
-                    queue.appendleft(oldest)
-                self.dropped += 1
+                self._evict_oldest()
             elif overflow == "drop_newest":
-                self.dropped += 1
                 return
             else:
-                self.dropped += 1 + sum(1 for item in queue if item.__class__ is not Gap)
-                queue.clear()
+                self.dropped += self.buffered
+                self.buffered = 0
+                self.queue.clear()
                 self.fail(
                     PubSubOverflow(
                         f"the consumer fell more than {self.size} messages behind "
@@ -211,11 +208,30 @@ class Sink:
                     )
                 )
                 return
-        queue.append(item)
+        else:
+            self.buffered += 1
+        self.queue.append(item)
         waiter = self.waiter
         if waiter is not None:
             self.waiter = None
             waiter.set()
+
+    def pop(self) -> Any:
+        """Take the oldest buffered item (the queue must not be empty)."""
+        item = self.queue.popleft()
+        if item.__class__ is not Gap:
+            self.buffered -= 1
+            self.delivered += 1
+        return item
+
+    def _evict_oldest(self) -> None:
+        # Gap notices are never dropped: skip over them to the oldest message.
+        queue = self.queue
+        gaps = []
+        while queue[0].__class__ is Gap:
+            gaps.append(queue.popleft())
+        queue.popleft()
+        queue.extendleft(reversed(gaps))
 
     def put_gap(self, gap: Gap) -> None:
         """Queue a gap notice; it may exceed ``size`` (consecutive gaps merge into one)."""

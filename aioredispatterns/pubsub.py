@@ -243,12 +243,11 @@ class Subscription(AsyncContextManagerMixin):
         sink = self._sink
         if sink is None:
             return SubscriptionStats(0, 0, 0, 0, 0, 0.0)
-        buffered = sum(1 for item in sink.queue if item.__class__ is not Gap)
         return SubscriptionStats(
             received=sink.received,
             delivered=sink.delivered,
             dropped=sink.dropped,
-            buffered=buffered,
+            buffered=sink.buffered,
             gaps=sink.gaps,
             gap_seconds=sink.gap_seconds,
         )
@@ -263,12 +262,9 @@ class Subscription(AsyncContextManagerMixin):
         queue = sink.queue
         if not queue:
             await sink.wait()
-        item = queue.popleft()
+        item = sink.pop()
         kind = item.__class__
-        if kind is Gap:
-            return item  # type: ignore[no-any-return]
-        sink.delivered += 1
-        if kind is Message:  # decoded once by a Broadcast
+        if kind is Gap or kind is Message:  # a gap, or a message a Broadcast decoded
             return item  # type: ignore[no-any-return]
         if kind is _Undecodable:
             raise SerializationError(str(item.error)) from item.error

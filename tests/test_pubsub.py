@@ -184,6 +184,19 @@ async def test_idle_health_checks_keep_the_subscription_working(redis_client: An
         assert messages.stats.gaps == 0
 
 
+async def test_unanswered_health_check_reconnects_and_reports_a_gap(redis_client: Any) -> None:
+    """A server that stops answering (here: CLIENT PAUSE) looks like a half-open connection."""
+    channel = _channel()
+    async with subscribe(
+        redis_client, channel, health_check_interval=0.1, reconnect=FAST_RECONNECT
+    ) as messages:
+        await redis_client.execute_command("CLIENT", "PAUSE", "700", "ALL")
+        gap = await _next(messages, seconds=10)
+        assert isinstance(gap, Gap)
+        await publish(redis_client, channel, "after")
+        assert await _next(messages) == Message(channel, "after")
+
+
 # --------------------------------------------------------------------------- reconnect
 
 
@@ -358,6 +371,7 @@ async def test_stalled_consumer_memory_stays_bounded_and_drops_are_counted(
         assert stats.delivered == consumed_early
         assert stats.dropped == published - stats.buffered - stats.delivered
         # Unbounded, the backlog alone would hold ~30 MB of payloads.
+        print(f"traced peak while 100,000 messages arrived: {peak:,} bytes; {stats}")
         assert peak < 0.2 * published * payload_size, f"peak {peak:,} bytes"
         rest = await _drain(messages)
     assert [m.payload for m in got] == payloads[:consumed_early]  # type: ignore[union-attr]
