@@ -469,27 +469,39 @@ class Hub:
         caller should :meth:`detach`.
         """
         self.sinks.append(sink)
+        if self._failure is not None:
+            sink.fail(self._failure)
+            return
         new_channels = self._route(self.channels, channels, sink)
         new_patterns = self._route(self.patterns, patterns, sink)
-        if not self._live or not (new_channels or new_patterns):
-            return  # the initial subscribe or the next resubscribe sends them
-        events = [self._expect(b"", name) for name in new_channels]
-        events += [self._expect(b"p", name) for name in new_patterns]
-        conn = self._conn
-        try:
-            if new_channels:
-                if self.sharded:
-                    for name in new_channels:
-                        await conn.send_command(b"SSUBSCRIBE", name, check_health=False)
-                else:
-                    await conn.send_command(b"SUBSCRIBE", *new_channels, check_health=False)
-            if new_patterns:
-                await conn.send_command(b"PSUBSCRIBE", *new_patterns, check_health=False)
-        except _CONNECTION_ERRORS:
-            pass  # the reader notices the broken connection and resubscribes everything
+        if wait:
+            # Wait for the new names and for names another subscriber still waits on.
+            for name in new_channels:
+                self._expect(b"", name)
+            for name in new_patterns:
+                self._expect(b"p", name)
+            wanted = [(b"", name) for name in channels] + [(b"p", name) for name in patterns]
+            events = [self._pending[key] for key in wanted if key in self._pending]
+        if self._live and (new_channels or new_patterns):
+            # While reconnecting (not live) the resubscribe sends these names too.
+            await self._send_subscribe(new_channels, new_patterns)
         if wait:
             for event in events:
                 await event.wait()
+
+    async def _send_subscribe(self, channels: list[bytes], patterns: list[bytes]) -> None:
+        conn = self._conn
+        try:
+            if channels:
+                if self.sharded:
+                    for name in channels:
+                        await conn.send_command(b"SSUBSCRIBE", name, check_health=False)
+                else:
+                    await conn.send_command(b"SUBSCRIBE", *channels, check_health=False)
+            if patterns:
+                await conn.send_command(b"PSUBSCRIBE", *patterns, check_health=False)
+        except _CONNECTION_ERRORS:
+            pass  # the reader notices the broken connection and resubscribes everything
 
     def _expect(self, kind: bytes, name: bytes) -> anyio.Event:
         event = self._pending.get((kind, name))
@@ -614,6 +626,9 @@ class Hub:
         policy = self.reconnect
         self._live = False
         lost_at = anyio.current_time()
+        # Subscribers that attach during the outage wait for the resubscribe: they miss
+        # nothing, so only those attached now get the gap notice.
+        affected = list(self.sinks)
         conn = self._conn
         await conn.disconnect(nowait=True)
         attempt = 0
@@ -638,8 +653,9 @@ class Hub:
         self._live = True
         self.reconnects += 1
         gap = Gap(duration=anyio.current_time() - lost_at, attempts=attempt, cause=str(cause))
-        for sink in self.sinks:
-            sink.put_gap(gap)
+        for sink in affected:
+            if sink in self.sinks:
+                sink.put_gap(gap)
         for reply in hold:
             self._dispatch(reply)
 

@@ -300,6 +300,51 @@ async def test_broadcast_reports_the_gap_to_every_local_subscriber(
         await client.aclose()
 
 
+async def test_broadcast_subscribe_during_an_outage_waits_for_the_resubscribe(
+    own_server: RedisServer,
+) -> None:
+    client = connect(own_server.url, retries=0)
+    channel = _channel()
+    try:
+        async with (
+            Broadcast(client, reconnect=FAST_RECONNECT) as hub,
+            hub.subscribe(_channel()) as first,
+        ):
+            own_server.kill()
+            with anyio.move_on_after(0.3) as waited:  # no server: entering cannot complete
+                async with hub.subscribe(channel):
+                    pytest.fail("entered without a server")
+            assert waited.cancelled_caught
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, own_server.restart)
+                with anyio.fail_after(10):
+                    async with hub.subscribe(channel) as late:
+                        assert await hub.publish(channel, "hi") == 1
+                        # It joined during the outage and missed nothing: no gap for it.
+                        assert await _next(late) == Message(channel, "hi")
+            assert isinstance(await _next(first), Gap)
+    finally:
+        await client.aclose()
+
+
+async def test_broadcast_without_reconnect_fails_new_subscribers_after_a_loss(
+    own_server: RedisServer,
+) -> None:
+    client = connect(own_server.url, retries=0)
+    try:
+        async with Broadcast(client, reconnect=None) as hub:
+            async with hub.subscribe(_channel()) as first:
+                own_server.kill()
+                with pytest.raises(ConnectionFailed):
+                    await _next(first)
+            async with hub.subscribe(_channel()) as late:
+                with pytest.raises(ConnectionFailed):
+                    await _next(late)
+    finally:
+        await client.aclose()
+        await anyio.to_thread.run_sync(own_server.restart)
+
+
 async def test_entering_fails_fast_when_the_server_is_down(own_server: RedisServer) -> None:
     own_server.kill()
     client = connect(own_server.url, retries=0, connect_timeout=0.5)
