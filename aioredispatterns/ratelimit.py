@@ -261,7 +261,8 @@ class Decision:
 
     With several limits, ``limit``/``remaining``/``reset_after`` describe the binding
     limit (the one with the fewest units left; when denied, the one to wait longest for)
-    and ``per_limit`` holds each limit's own decision, in the limiter's order.
+    and ``per_limit`` holds each limit's own decision, in the limiter's order (it is
+    empty when the limiter has a single policy: the decision is that policy's).
 
     Attributes:
         allowed: every limit allowed the request (and, for :meth:`RateLimiter.hit`,
@@ -283,17 +284,28 @@ class Decision:
 
 
 def _parse(reply: Sequence[int], policies: Sequence[Policy]) -> Decision:
-    allowed = bool(reply[0])
-    server_time = int(reply[1]) / _US
+    # The reply's numbers are RESP integers already (ints, not bytes).
+    allowed = reply[0] == 1
+    server_time = reply[1] / _US
+    if len(policies) == 1:  # the common case: one Decision, no per-limit tuple
+        _, remaining, retry_us, reset_us = reply[2:6]
+        return Decision(
+            allowed,
+            policies[0].size,
+            max(0, remaining),
+            0.0 if allowed else max(0, retry_us) / _US,
+            max(0, reset_us) / _US,
+            server_time,
+        )
     parts = []
     for i, policy in enumerate(policies):
-        ok, remaining, retry_us, reset_us = (int(x) for x in reply[2 + 4 * i : 6 + 4 * i])
+        ok, remaining, retry_us, reset_us = reply[2 + 4 * i : 6 + 4 * i]
         parts.append(
             Decision(
-                allowed=bool(ok),
+                allowed=ok == 1,
                 limit=policy.size,
                 remaining=max(0, remaining),
-                retry_after=max(0, retry_us) / _US if not ok else 0.0,
+                retry_after=max(0, retry_us) / _US if ok != 1 else 0.0,
                 reset_after=max(0, reset_us) / _US,
                 server_time=server_time,
             )
@@ -313,6 +325,9 @@ def _parse(reply: Sequence[int], policies: Sequence[Policy]) -> Decision:
         server_time=server_time,
         per_limit=tuple(parts),
     )
+
+
+_KEY_CACHE_SIZE = 4096
 
 
 class RateLimiter:
@@ -353,9 +368,14 @@ class RateLimiter:
         self._name = name
         self._policies: tuple[Policy, ...] = items
         self._max_cost = min(p.size for p in items)
-        self._args: list[str] = []
+        args: list[str] = []
         for policy in items:
-            self._args += [str(policy.kind), str(policy.size), repr(policy.interval_us), "0"]
+            args += [str(policy.kind), str(policy.size), repr(policy.interval_us)]
+        self._args = tuple(args)
+        self._hit_one = ("1", "1", *args)  # ARGV of the most common call, built once
+        # identity -> its keys; building them (validation, hash tag) costs more than the
+        # rest of a decision on the client. Bounded: cleared when full.
+        self._key_cache: dict[KeyT, list[KeyT]] = {}
 
     @property
     def policies(self) -> tuple[Policy, ...]:
@@ -363,8 +383,14 @@ class RateLimiter:
         return self._policies
 
     def _keys(self, identity: KeyT) -> list[KeyT]:
-        space = self._space(identity)
-        return [space.key(i, p.tag) for i, p in enumerate(self._policies)]
+        keys = self._key_cache.get(identity) if isinstance(identity, str | bytes) else None
+        if keys is None:
+            space = self._space(identity)
+            keys = [space.key(i, p.tag) for i, p in enumerate(self._policies)]
+            if len(self._key_cache) >= _KEY_CACHE_SIZE:
+                self._key_cache.clear()
+            self._key_cache[identity] = keys
+        return keys
 
     def _space(self, identity: object) -> KeySpace:
         checked = check_key(identity, "identity")
@@ -385,9 +411,11 @@ class RateLimiter:
         return cost
 
     async def _decide(self, identity: KeyT, cost: object, mode: str) -> Decision:
-        checked_cost = self._check_cost(cost)
-        keys = self._keys(identity)
-        reply = await _DECIDE.run(self._client, keys, [mode, str(checked_cost), *self._args])
+        if cost == 1 and mode == "1" and type(cost) is int:
+            args: Sequence[str] = self._hit_one
+        else:
+            args = (mode, str(self._check_cost(cost)), *self._args)
+        reply = await _DECIDE.run(self._client, self._keys(identity), args)
         return _parse(reply, self._policies)
 
     async def hit(self, identity: KeyT, cost: int = 1) -> Decision:

@@ -36,7 +36,8 @@ def us(decision: Decision) -> int:
 async def assert_every_key_has_ttl(client: Any, prefix: str) -> None:
     keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
     ttls = [await client.pttl(k) for k in keys]
-    assert all(t > 0 for t in ttls), dict(zip(keys, ttls, strict=True))
+    # -2: the key expired between SCAN and PTTL (fine); -1 would be a key without a TTL.
+    assert all(t > 0 or t == -2 for t in ttls), dict(zip(keys, ttls, strict=True))
 
 
 # --- bad input, before any command -------------------------------------------------------
@@ -396,6 +397,11 @@ async def test_cancelled_hits_leak_nothing(redis_client: Any, key_prefix: str) -
     limiter = RateLimiter(
         redis_client, [SlidingWindowLog(1000, 60.0), GCRA(1000, 60.0)], prefix=key_prefix
     )
+    # Open the pool's connections first: redis-py leaks the socket of a connection whose
+    # connect() is cancelled half-way (ResourceWarning), which is not what this test is about.
+    async with anyio.create_task_group() as tg:
+        for i in range(100):
+            tg.start_soon(limiter.peek, f"u{i % 5}")
     with anyio.move_on_after(0.002):
         async with anyio.create_task_group() as tg:
             for i in range(200):

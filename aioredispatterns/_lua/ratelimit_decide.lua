@@ -3,7 +3,7 @@
 -- KEYS[i]      the state key of limit i (all keys share the identity's hash tag)
 -- ARGV[1]      mode: 1 = hit (consume if every limit allows), 0 = peek (never writes)
 -- ARGV[2]      cost: units to consume (a positive integer)
--- ARGV[3+4(i-1) .. 6+4(i-1)]  limit i: kind, size, interval_us, unused
+-- ARGV[3+3(i-1) .. 5+3(i-1)]  limit i: kind, size, interval_us
 --              kind 1 token bucket   size = capacity, interval_us = microseconds per token
 --              kind 2 GCRA           size = burst,    interval_us = emission interval
 --              kind 3 sliding log    size = limit,    interval_us = window
@@ -164,7 +164,7 @@ local evaluators = {token_bucket, gcra, sliding_log, sliding_counter, fixed_wind
 local results = {}
 local all_ok = true
 for i = 1, #KEYS do
-    local base = 3 + 4 * (i - 1)
+    local base = 3 + 3 * (i - 1)
     local kind = tonumber(ARGV[base])
     local size = tonumber(ARGV[base + 1])
     local interval = tonumber(ARGV[base + 2])
