@@ -85,6 +85,8 @@ def _positive_seconds(value: object, what: str) -> float:
 class _PolicyBase:
     """What the script needs from a policy: a kind code, a size and an interval in µs."""
 
+    __slots__ = ()
+
     kind: ClassVar[int]
     tag: ClassVar[str]
 
@@ -165,20 +167,12 @@ class GCRA(_PolicyBase):
         return self.period * _US / self.limit
 
 
-@dataclass(frozen=True, slots=True)
-class SlidingWindowLog(_PolicyBase):
-    """Exact sliding window: at most ``limit`` units in any ``window`` seconds.
+class _WindowPolicy(_PolicyBase):
+    """The shared part of the windowed policies: ``limit`` units per ``window`` seconds."""
 
-    State: a sorted set with one member per admitted unit (memory grows with ``limit``).
-
-    Raises:
-        ConfigurationError: a non-positive limit or window.
-    """
-
+    __slots__ = ()
     limit: int
     window: float
-    kind: ClassVar[int] = 3
-    tag: ClassVar[str] = "log"
 
     def __post_init__(self) -> None:
         _positive_int(self.limit, "limit")
@@ -194,7 +188,23 @@ class SlidingWindowLog(_PolicyBase):
 
 
 @dataclass(frozen=True, slots=True)
-class SlidingWindowCounter(_PolicyBase):
+class SlidingWindowLog(_WindowPolicy):
+    """Exact sliding window: at most ``limit`` units in any ``window`` seconds.
+
+    State: a sorted set with one member per admitted unit (memory grows with ``limit``).
+
+    Raises:
+        ConfigurationError: a non-positive limit or window.
+    """
+
+    limit: int
+    window: float
+    kind: ClassVar[int] = 3
+    tag: ClassVar[str] = "log"
+
+
+@dataclass(frozen=True, slots=True)
+class SlidingWindowCounter(_WindowPolicy):
     """Approximate sliding window from the current and previous fixed windows' counts.
 
     The previous window's count is weighted by how much of it the sliding window still
@@ -211,21 +221,9 @@ class SlidingWindowCounter(_PolicyBase):
     kind: ClassVar[int] = 4
     tag: ClassVar[str] = "swc"
 
-    def __post_init__(self) -> None:
-        _positive_int(self.limit, "limit")
-        _positive_seconds(self.window, "window")
-
-    @property
-    def size(self) -> int:
-        return self.limit
-
-    @property
-    def interval_us(self) -> float:
-        return float(round(self.window * _US))
-
 
 @dataclass(frozen=True, slots=True)
-class FixedWindow(_PolicyBase):
+class FixedWindow(_WindowPolicy):
     """At most ``limit`` units per ``window`` seconds, windows aligned to the server epoch.
 
     Up to ``2 * limit`` can pass around a window boundary. State: one small hash.
@@ -238,18 +236,6 @@ class FixedWindow(_PolicyBase):
     window: float
     kind: ClassVar[int] = 5
     tag: ClassVar[str] = "fw"
-
-    def __post_init__(self) -> None:
-        _positive_int(self.limit, "limit")
-        _positive_seconds(self.window, "window")
-
-    @property
-    def size(self) -> int:
-        return self.limit
-
-    @property
-    def interval_us(self) -> float:
-        return float(round(self.window * _US))
 
 
 Policy: TypeAlias = TokenBucket | GCRA | SlidingWindowLog | SlidingWindowCounter | FixedWindow
