@@ -108,12 +108,12 @@ def test_errors_hierarchy() -> None:
 
 
 async def test_token_bucket_burst_then_refill(redis_client: Any, key_prefix: str) -> None:
-    limiter = RateLimiter(redis_client, TokenBucket(capacity=3, rate=20.0), prefix=key_prefix)
+    limiter = RateLimiter(redis_client, TokenBucket(capacity=3, rate=5.0), prefix=key_prefix)
     decisions = [await limiter.hit("u") for _ in range(4)]
     assert [d.allowed for d in decisions] == [True, True, True, False]
     assert [d.remaining for d in decisions] == [2, 1, 0, 0]
     denied = decisions[3]
-    assert 0 < denied.retry_after <= 0.05
+    assert 0 < denied.retry_after <= 0.2
     assert denied.limit == 3
     await anyio.sleep(denied.retry_after + 0.01)
     assert (await limiter.hit("u")).allowed
@@ -248,6 +248,35 @@ async def test_wait_sleeps_until_allowed_or_gives_up(redis_client: Any, key_pref
     assert anyio.current_time() - started < 0.05
     assert info.value.decision.retry_after > 0.01
     assert (await limiter.wait("u")).allowed
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        TokenBucket(3, 15.0),
+        GCRA(3, 0.2),
+        SlidingWindowLog(3, 0.2),
+        SlidingWindowCounter(3, 0.2),
+        FixedWindow(3, 0.2),
+    ],
+    ids=lambda p: type(p).__name__,
+)
+async def test_retry_after_is_when_the_request_passes(
+    redis_client: Any, key_prefix: str, policy: Policy
+) -> None:
+    limiter = RateLimiter(redis_client, policy, prefix=key_prefix)
+    denied = await limiter.hit("u", cost=2)
+    while denied.allowed:
+        denied = await limiter.hit("u", cost=2)
+    # Not too late: a later peek's wait shrinks by exactly the server time that passed.
+    await anyio.sleep(denied.retry_after / 3)
+    later = await limiter.peek("u", cost=2)
+    if not later.allowed:
+        elapsed = later.server_time - denied.server_time
+        assert later.retry_after == pytest.approx(denied.retry_after - elapsed, abs=5e-6)
+    # Not too early: after retry_after, the same request passes.
+    await anyio.sleep(max(0.0, denied.retry_after - (later.server_time - denied.server_time)))
+    assert (await limiter.hit("u", cost=2)).allowed
 
 
 async def test_ttl_set_on_every_path(redis_client: Any, key_prefix: str) -> None:
