@@ -355,7 +355,7 @@ def _policy_strategy() -> st.SearchStrategy[Policy]:
     )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     policy=_policy_strategy(),
     schedule=st.lists(
