@@ -468,3 +468,48 @@ async def test_multi_limit_on_cluster(cluster_client: Any) -> None:
         assert [(await limiter.hit(identity)).allowed for _ in range(3)] == [True, True, False]
         await limiter.reset(identity)
         assert (await limiter.peek(identity)).remaining == 2
+
+
+@pytest.mark.replication
+async def test_replica_gets_the_same_state_on_redis_6_2() -> None:
+    """TIME inside a writing script is fine on 6.2: writes replicate as effects.
+
+    The replica ends up with the very state the primary decided (and the TTL), so a
+    failover does not hand out a fresh quota.
+    """
+    from aioredispatterns.testing import (
+        ServerNotAvailable,
+        find_server_binary,
+        start_replica_pair,
+    )
+
+    try:
+        binary = find_server_binary("redis-6.2")
+    except ServerNotAvailable:
+        pytest.skip("no redis-6.2 binary")
+    primary, replica = start_replica_pair(binary, name="rl-6.2")
+    clients = [connect(primary.url), connect(replica.url)]
+    try:
+        limiter = RateLimiter(
+            clients[0], [TokenBucket(3, 0.01), SlidingWindowLog(3, 600.0)], name="repl"
+        )
+        for _ in range(4):
+            await limiter.hit("u")
+        await clients[0].execute_command("WAIT", 1, 5000)
+        for key in limiter._keys("u"):
+            kind = await clients[0].type(key)
+            if kind == b"hash":
+                expected: Any = await clients[0].hgetall(key)
+                got: Any = await clients[1].hgetall(key)
+            else:
+                expected = await clients[0].zrange(key, 0, -1, withscores=True)
+                got = await clients[1].zrange(key, 0, -1, withscores=True)
+            assert got == expected
+            assert await clients[1].pttl(key) > 0
+        on_replica = RateLimiter(clients[1], limiter.policies, name="repl")
+        assert not (await on_replica.peek("u")).allowed  # peek never writes: fine on a replica
+    finally:
+        for client in clients:
+            await client.aclose()
+        replica.stop()
+        primary.stop()
