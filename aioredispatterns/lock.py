@@ -46,7 +46,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-import uuid
+import os
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -146,7 +146,7 @@ def _fence_ms(fence_ttl: float | None) -> int:
 def _new_owner() -> str:
     # Unique per acquisition (not per Lock object, task or thread), so a lease can only
     # ever be released or extended by the acquisition that created it.
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 class Lease:
@@ -486,7 +486,8 @@ class Lock(_LeaseManager):
 
     Keys: ``<prefix>:lock:{<name>}:owner`` (the holder, with the lease TTL),
     ``...:fence`` (the counter, ``fence_ttl``), ``...:wake`` (wake-ups, at most one
-    element, with the lease TTL).
+    element, with the lease TTL), ``...:waiting`` (set by a failed acquire so the release
+    knows to push a wake-up; it lives as long as a waiter may block).
 
     Raises:
         ConfigurationError: an argument is out of range (before any command is sent).
@@ -511,6 +512,7 @@ class Lock(_LeaseManager):
         self._owner_key = keys.key("owner")
         self._fence_key = keys.key("fence")
         self._wake_key = keys.key("wake")
+        self._waiting_key = keys.key("waiting")
         self._ttl_ms = _ms(self._ttl)
         self._fence_ms = _fence_ms(fence_ttl)
 
@@ -524,7 +526,7 @@ class Lock(_LeaseManager):
     async def _try_acquire(self, owner: str) -> tuple[int | None, float]:
         taken, value = await _ACQUIRE.run(
             self._client,
-            [self._owner_key, self._fence_key],
+            [self._owner_key, self._fence_key, self._waiting_key],
             [owner, self._ttl_ms, self._fence_ms],
         )
         if taken:
@@ -545,7 +547,9 @@ class Lock(_LeaseManager):
         # must be one atomic step, or a waiter could sleep until the poll fallback.
         return bool(
             await _RELEASE.run(
-                self._client, [self._owner_key, self._wake_key], [owner, self._ttl_ms]
+                self._client,
+                [self._owner_key, self._wake_key, self._waiting_key],
+                [owner, self._ttl_ms],
             )
         )
 

@@ -1,8 +1,9 @@
 """Lock benchmarks: ours against redis-py's asyncio Lock.
 
 * ``lock uncontended c1``: acquire + release, one task. Also our lock without renewal
-  (``acquire()``/``release()``) and with the fencing counter taken out of the acquire
-  script, to show what the token costs.
+  (``acquire()``/``release()``), with the fencing counter taken out of the acquire
+  script (what the token costs), and on the plain ``Redis.from_url`` client the redis-py
+  row uses (what ``connect()``'s blocking pool costs).
 * ``lock contended 16 waiters``: 16 tasks acquire + release one lock; an op ends when its
   task took the lock from another task, so ops/s is hand-offs between tasks per second
   (re-taking one's own lock, which an unfair lock does while its waiters sleep, does not
@@ -81,17 +82,33 @@ async def _ours_acquire(env: BenchEnv) -> AsyncIterator[Operation]:
 
 
 @asynccontextmanager
+async def _ours_acquire_plain_client(env: BenchEnv) -> AsyncIterator[Operation]:
+    # The same client redis-py's row uses, to separate our lock from connect()'s pool.
+    client = _redis_py(env)
+    lock = Lock(client, "bench-uncontended-plain", prefix=env.prefix)
+
+    async def op() -> None:
+        lease = await lock.acquire()
+        await lease.release()
+
+    try:
+        yield op
+    finally:
+        await client.aclose()
+
+
+@asynccontextmanager
 async def _ours_no_fence(env: BenchEnv) -> AsyncIterator[Operation]:
     client = env.client()
     lock = Lock(client, "bench-uncontended", prefix=env.prefix)
     script = client.register_script(_NO_FENCE)
-    owner_key, wake_key = lock._owner_key, lock._wake_key
+    keys = [lock._owner_key, lock._wake_key, lock._waiting_key]
 
     async def op() -> None:
         owner = "bench-owner"
-        taken, _ = await script(keys=[owner_key], args=[owner, 10_000])
+        taken, _ = await script(keys=keys[:1], args=[owner, 10_000])
         assert taken
-        await _RELEASE.run(client, [owner_key, wake_key], [owner, 10_000])
+        await _RELEASE.run(client, keys, [owner, 10_000])
 
     try:
         yield op
@@ -274,6 +291,9 @@ def scenarios(env: BenchEnv) -> list[Scenario]:
         Scenario(uncontended, "Lock async with (renewing)", 1, _ours_hold),
         Scenario(uncontended, "Lock acquire()+release()", 1, _ours_acquire),
         Scenario(uncontended, "same, no fencing counter", 1, _ours_no_fence),
+        Scenario(
+            uncontended, "Lock acquire()+release(), plain client", 1, _ours_acquire_plain_client
+        ),
         Scenario(contended, "Lock async with", WAITERS, _ours_contended(0.0)),
         Scenario(working, "Lock async with", WAITERS, _ours_contended(0.001)),
         Scenario(

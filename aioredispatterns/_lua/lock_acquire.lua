@@ -1,6 +1,7 @@
 -- Take a lock if it is free and issue its fencing token, in one atomic step.
 -- KEYS[1]  the lock's owner key
 -- KEYS[2]  the lock's fencing counter (same hash slot)
+-- KEYS[3]  optional: the "someone is waiting" marker (same hash slot)
 -- ARGV[1]  the owner id of this acquisition (unique per acquisition)
 -- ARGV[2]  the lease TTL in milliseconds
 -- ARGV[3]  the counter's TTL in milliseconds, refreshed on every acquire ("0": none)
@@ -8,7 +9,13 @@
 --          the holder's remaining TTL in ms (-1: the key has no TTL)
 
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    return {0, redis.call('PTTL', KEYS[1])}
+    -- Tell the release to push a wake-up; a waiter blocks at most the holder's PTTL
+    -- before it tries again (and renews this marker), so it outlives every wait.
+    local pttl = redis.call('PTTL', KEYS[1])
+    if KEYS[3] then
+        redis.call('SET', KEYS[3], '1', 'PX', math.max(tonumber(ARGV[2]), pttl))
+    end
+    return {0, pttl}
 end
 -- The token is the counter plus one, raised to the server's clock in microseconds.
 -- INCR keeps tokens strictly increasing on this server even if its clock steps back;
