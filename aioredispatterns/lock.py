@@ -22,6 +22,8 @@ What it guarantees, and what it does not:
 * **Waiters do not poll.** A release pushes one wake-up onto a per-lock list; waiters block
   on it with ``BLPOP`` (served longest-waiting first, so hand-offs are roughly FIFO), with a
   fallback bounded by the holder's remaining TTL (a crashed holder never releases).
+  "Roughly": a client that releases and at once acquires again, or a newcomer, can beat
+  the woken waiter to the key; that waiter then queues again behind the others.
 
 Where the fencing counter lives
 -------------------------------
