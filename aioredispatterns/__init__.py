@@ -29,6 +29,17 @@ from .errors import (
     SerializationError,
     UnsupportedServerError,
 )
+from .lock import (
+    FencedValue,
+    Lease,
+    Lock,
+    LockError,
+    LockLost,
+    LockNotAcquired,
+    LockNotOwned,
+    fenced_get,
+    fenced_set,
+)
 from .pubsub import (
     Broadcast,
     BufferPolicy,
@@ -53,6 +64,8 @@ from .ratelimit import (
     SlidingWindowLog,
     TokenBucket,
 )
+from .redlock import Redlock
+from .semaphore import Semaphore
 from .serializers import (
     JsonSerializer,
     MsgpackSerializer,
@@ -90,6 +103,7 @@ __all__ = (
     "ConsumerGroup",
     "ConsumerPolicy",
     "DeadLetter",
+    "FencedValue",
     "FixedWindow",
     "GCRA",
     "Gap",
@@ -97,6 +111,12 @@ __all__ = (
     "GroupStats",
     "InvalidKeyError",
     "JsonSerializer",
+    "Lease",
+    "Lock",
+    "LockError",
+    "LockLost",
+    "LockNotAcquired",
+    "LockNotOwned",
     "Message",
     "MsgpackSerializer",
     "PickleSerializer",
@@ -111,7 +131,9 @@ __all__ = (
     "RawSerializer",
     "ReconnectPolicy",
     "RedisPatternsError",
+    "Redlock",
     "ScriptError",
+    "Semaphore",
     "SerializationError",
     "Serializer",
     "ServerInfo",
@@ -128,6 +150,8 @@ __all__ = (
     "ValueTooLarge",
     "__version__",
     "connect",
+    "fenced_get",
+    "fenced_set",
     "pipeline_stats",
     "publish",
     "server_info",
