@@ -16,7 +16,7 @@ from redis.typing import EncodableT
 
 from ._client import AnyRedis, is_cluster, state_of
 from ._pipeline import AutoPipeline, PipelineStats
-from ._translate import map_redis_errors, translate
+from ._translate import map_redis_errors, reraise
 from .errors import CommandTimeout
 
 
@@ -24,6 +24,7 @@ def pipeline_stats(client: AnyRedis) -> PipelineStats | None:
     """Counters of ``client``'s auto-pipeline, or None if it has not been used (or is off).
 
     Example: ``stats.mean_batch_size`` tells how many commands share a round trip.
+    A plain read of counters: nothing is sent, nothing to cancel.
     """
     pipeline = state_of(client).pipeline
     return pipeline.stats if pipeline is not None else None
@@ -60,10 +61,7 @@ async def execute(client: AnyRedis, *args: EncodableT, **options: Any) -> Any:
             return await pipeline.execute(*args, **options)
         return await client.execute_command(*args, **options)
     except Exception as exc:
-        ours = translate(exc)
-        if ours is None:
-            raise
-        raise ours from exc
+        reraise(exc)
 
 
 async def execute_blocking(

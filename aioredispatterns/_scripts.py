@@ -22,7 +22,7 @@ from ._capabilities import server_info
 from ._client import AnyRedis
 from ._commands import execute_raw
 from ._keys import KeyT
-from ._translate import map_redis_errors, translate
+from ._translate import map_redis_errors, reraise
 from .errors import ConfigurationError, ScriptError
 
 
@@ -64,10 +64,7 @@ class Script:
         except rex.ResponseError as exc:
             raise ScriptError(str(exc)) from exc
         except Exception as exc:
-            ours = translate(exc)
-            if ours is None:
-                raise
-            raise ours from exc
+            reraise(exc)
 
 
 _COMPARE_AND_DELETE = Script.load("compare_and_delete")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 from redis import exceptions as rex
 
@@ -46,6 +47,15 @@ def translate(exc: BaseException) -> RedisPatternsError | None:
     return None
 
 
+def reraise(exc: Exception) -> NoReturn:
+    """Raise our error for ``exc`` (keeping it as the cause), or ``exc`` itself when it
+    is not a Redis or socket error."""
+    ours = translate(exc)
+    if ours is None:
+        raise exc
+    raise ours from exc
+
+
 @contextmanager
 def map_redis_errors() -> Iterator[None]:
     """Re-raise redis-py errors as :mod:`aioredispatterns.errors` types.
@@ -55,7 +65,4 @@ def map_redis_errors() -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        ours = translate(exc)
-        if ours is None:
-            raise
-        raise ours from exc
+        reraise(exc)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -66,35 +66,27 @@ async def _ours_hold(env: BenchEnv) -> AsyncIterator[Operation]:
         await client.aclose()
 
 
-@asynccontextmanager
-async def _ours_acquire(env: BenchEnv) -> AsyncIterator[Operation]:
-    client = env.client()
-    lock = Lock(client, "bench-uncontended", prefix=env.prefix)
+def _ours_acquire(
+    plain_client: bool,
+) -> Callable[[BenchEnv], AbstractAsyncContextManager[Operation]]:
+    @asynccontextmanager
+    async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
+        # plain_client: the same client redis-py's row uses, to separate our lock from
+        # connect()'s pool.
+        client = _redis_py(env) if plain_client else env.client()
+        name = "bench-uncontended-plain" if plain_client else "bench-uncontended"
+        lock = Lock(client, name, prefix=env.prefix)
 
-    async def op() -> None:
-        lease = await lock.acquire()
-        await lease.release()
+        async def op() -> None:
+            lease = await lock.acquire()
+            await lease.release()
 
-    try:
-        yield op
-    finally:
-        await client.aclose()
+        try:
+            yield op
+        finally:
+            await client.aclose()
 
-
-@asynccontextmanager
-async def _ours_acquire_plain_client(env: BenchEnv) -> AsyncIterator[Operation]:
-    # The same client redis-py's row uses, to separate our lock from connect()'s pool.
-    client = _redis_py(env)
-    lock = Lock(client, "bench-uncontended-plain", prefix=env.prefix)
-
-    async def op() -> None:
-        lease = await lock.acquire()
-        await lease.release()
-
-    try:
-        yield op
-    finally:
-        await client.aclose()
+    return setup
 
 
 @asynccontextmanager
@@ -289,10 +281,13 @@ def scenarios(env: BenchEnv) -> list[Scenario]:
         ]
     rows += [
         Scenario(uncontended, "Lock async with (renewing)", 1, _ours_hold),
-        Scenario(uncontended, "Lock acquire()+release()", 1, _ours_acquire),
+        Scenario(uncontended, "Lock acquire()+release()", 1, _ours_acquire(plain_client=False)),
         Scenario(uncontended, "same, no fencing counter", 1, _ours_no_fence),
         Scenario(
-            uncontended, "Lock acquire()+release(), plain client", 1, _ours_acquire_plain_client
+            uncontended,
+            "Lock acquire()+release(), plain client",
+            1,
+            _ours_acquire(plain_client=True),
         ),
         Scenario(contended, "Lock async with", WAITERS, _ours_contended(0.0)),
         Scenario(working, "Lock async with", WAITERS, _ours_contended(0.001)),
