@@ -127,7 +127,8 @@ def connect(
         **redis_options: passed through to redis-py (e.g. ``ssl_ca_certs``).
 
     The client uses hiredis for parsing when it is installed. Close it with
-    ``await client.aclose()`` or ``async with``.
+    ``await client.aclose()`` or ``async with``. This is not a coroutine (nothing to
+    cancel): no connection is opened until the first command.
 
     Raises:
         ConfigurationError: an option is out of range or the URL scheme is unknown.

@@ -984,6 +984,9 @@ class CachedFunction(Generic[P, R]):
 
     Calling it returns the cached result or runs the function once (single flight) on a
     miss; :meth:`invalidate` with the same arguments drops that result.
+
+    Cancellation: as :meth:`Cache.get_or_load`: a cancelled caller stops waiting, the
+    shared load goes on in the cache's task group and still fills the cache.
     """
 
     def __init__(

@@ -160,6 +160,9 @@ class Lease:
         token: the fencing token, strictly increasing per lock name; pass it to
             :func:`fenced_set` (or your database) with every protected write.
         lost: set as soon as the lease is known to be lost (renewal failed).
+
+    Cancellation: a lease is released (shielded, bounded) when the ``async with`` that
+    holds it ends, cancelled or not; a lease that is never released expires with its TTL.
     """
 
     __slots__ = ("_manager", "_released", "_valid_until", "lost", "name", "owner", "token")

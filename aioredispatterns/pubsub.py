@@ -349,6 +349,9 @@ def subscribe(
     Raises:
         ConfigurationError: bad options, or no channel and no pattern (before any command);
             on entering, sharded channels spread over several cluster nodes.
+
+    Cancellation: cancelling the consumer (or leaving the ``async with``) unsubscribes on
+    the server and returns the connection to the pool, shielded and bounded.
     """
     client = check_client(client)
     chosen = _check_options(serializer, buffer, reconnect, health_check_interval)

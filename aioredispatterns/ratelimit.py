@@ -327,7 +327,11 @@ class RateLimiter:
             share their state.
         prefix: the key prefix.
 
-    Keys: ``<prefix>:ratelimit:{<name>:<identity>}:<index>:<kind>``, one per policy.
+    Keys: ``<prefix>:ratelimit:{<n>:<name>:<identity>}:<index>:<kind>``, one per policy,
+    where ``<n>`` is the name's length in bytes (so no name/identity split can collide).
+
+    Cancellation: each decision is one atomic script; a caller cancelled after it ran
+    loses the reply, not the decision (see :meth:`hit`). Nothing runs in the background.
 
     Raises:
         ConfigurationError: no policy, a non-policy, or a bad name or prefix.

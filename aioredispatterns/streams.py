@@ -144,6 +144,10 @@ class StreamProducer:
 
     Raises:
         ConfigurationError: bad name, prefix, serializer or retention.
+
+    Cancellation: every value is encoded before anything is sent; a cancelled ``add``
+    may still have appended its entry (the reply is lost), and a cancelled ``add_many``
+    may have appended some of its entries.
     """
 
     __slots__ = ("_client", "_keys", "_retention", "_serializer", "key")
