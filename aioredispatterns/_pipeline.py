@@ -12,6 +12,13 @@ and replies are read in order (the server answers one connection in order).
   coroutine runnable in this iteration can queue its command, then writes the whole
   queue with one ``send_packed_command`` (in chunks of at most ``max_batch`` commands
   and ``max_batch_bytes`` bytes).
+* While the writer waits for its iteration to end, the caller that makes the queue
+  ``flush_at`` long writes it at once (a plain, synchronous transport write). The server
+  then starts on those commands while the rest of the iteration is still running in
+  Python, instead of idling until the whole iteration has queued: with 64 callers doing
+  real work between commands, client and server work overlap instead of taking turns.
+  Only a connection known to be open is written to this way; otherwise the writer's
+  checked path (which replaces a connection the server closed) takes the commands.
 * Replies are read by one *reader* at a time: the writer when nobody is reading, else the
   reader hands the role to the oldest caller still waiting. The reader reads replies in
   order and resolves each caller's future; a reply whose caller is gone is discarded.
@@ -81,6 +88,7 @@ BLOCKING_COMMANDS = frozenset(
 _DRIVE: Any = object()
 
 DEFAULT_MAX_BATCH = 1024
+DEFAULT_FLUSH_AT = 16
 DEFAULT_MAX_BATCH_BYTES = 1 << 20
 _BUFFER_CUTOFF = 6000  # redis-py's: larger arguments are sent as separate chunks
 
@@ -135,15 +143,18 @@ class AutoPipeline:
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        flush_at: int = DEFAULT_FLUSH_AT,
     ) -> None:
         self._client = client
         self._cluster = isinstance(client, RedisCluster)
         self._max_batch = max_batch
         self._max_bytes = max_batch_bytes
+        self._flush_at = flush_at
         self._pack = _packer(client)
         self._commands_seen: dict[EncodableT, tuple[str, Callable[..., Any] | None]] = {}
         self._queue: list[_Call] = []  # packed, not yet written
         self._writing = False
+        self._gathering = False  # the writer is yielding so that the iteration can queue
         self._in_flight: collections.deque[_Call] = collections.deque()  # sent, unread
         self._reading = False
         self._connection: AbstractConnection | None = None
@@ -204,6 +215,8 @@ class AutoPipeline:
             except BaseException:
                 self._abandon(call)
                 raise
+        elif self._gathering and len(self._queue) >= self._flush_at:
+            self._flush_early()
         return await self._wait(call)
 
     # ------------------------------------------------------------------ writer
@@ -212,10 +225,13 @@ class AutoPipeline:
         """Write everything queued in this iteration (and whatever queues meanwhile)."""
         cancelled: BaseException | None = None
         with anyio.CancelScope(shield=True):
+            self._gathering = True
             try:
                 await asyncio.sleep(0)  # let the rest of this iteration queue up
             except asyncio.CancelledError as exc:
                 cancelled = exc
+            finally:
+                self._gathering = False
             try:
                 while self._queue:
                     batch = self._take_batch()
@@ -230,6 +246,34 @@ class AutoPipeline:
         if cancelled is not None:
             # Our own command may have gone out: its reply will be read and dropped.
             raise cancelled
+
+    def _flush_early(self) -> None:
+        """Write the queue now, mid-iteration, if the connection is known to be open.
+
+        Synchronous, so nothing can interleave: the writer is parked in its yield and no
+        other write is pending, which keeps the order of ``_in_flight`` the order on the
+        wire. redis-py has no public synchronous write, so this uses the connection's
+        asyncio streams; without them, the writer sends the queue as before.
+        """
+        connection = self._connection
+        writer = getattr(connection, "_writer", None)
+        reader = getattr(connection, "_reader", None)
+        if writer is None or reader is None or writer.is_closing() or reader.at_eof():
+            return  # not known to be open: the writer's path checks and reconnects
+        batch = self._take_batch()
+        if not batch:
+            return
+        self._in_flight.extend(batch)
+        writer.writelines([part for call in batch for part in call.command])
+        self._count(batch)
+
+    def _count(self, batch: list[_Call]) -> None:
+        """Record one write of ``batch`` and make sure somebody reads its replies."""
+        self._batches += 1
+        self._commands += len(batch)
+        self._max_in_flight = max(self._max_in_flight, len(self._in_flight))
+        if not self._reading:
+            self._hand_off_reading()
 
     def _take_batch(self) -> list[_Call]:
         batch: list[_Call] = []
@@ -260,11 +304,7 @@ class AutoPipeline:
         except BaseException as exc:
             await self._fail_connection(connection, exc)
             raise
-        self._batches += 1
-        self._commands += len(batch)
-        self._max_in_flight = max(self._max_in_flight, len(self._in_flight))
-        if not self._reading:
-            self._hand_off_reading()
+        self._count(batch)
 
     async def _ensure_connection(self, idle: bool) -> AbstractConnection:
         client: Redis = self._client  # type: ignore[assignment]

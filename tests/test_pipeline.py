@@ -257,6 +257,46 @@ async def test_server_restart_between_batches_reconnects(redis_server: RedisServ
             await client.aclose()
 
 
+async def test_restart_while_idle_then_a_crowd_reconnects_before_writing(
+    redis_server: RedisServer,
+) -> None:
+    """64 callers in one iteration would be written early, mid-iteration; a connection the
+    server closed while idle must still be replaced first, so no call fails."""
+    if not redis_server.owned:
+        pytest.skip("restarts a server: needs one this suite started")
+    with RedisServer(redis_server.binary, name="restart-crowd") as server:
+        client = connect(server.url)
+        try:
+            assert await execute(client, "SET", "k", 1) is True
+            server.kill()
+            server.restart()
+            await anyio.sleep(0.1)  # let the loop see the old connection's EOF
+            replies = await asyncio.gather(*(execute(client, "INCR", "n") for _ in range(64)))
+            assert sorted(replies) == list(range(1, 65))
+            stats = pipeline_stats(client)
+            assert stats is not None
+            assert stats.connection_errors == 0
+        finally:
+            await client.aclose()
+
+
+async def test_a_long_iteration_is_written_in_chunks_as_it_queues(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """The server gets the first commands of a busy iteration while later callers still
+    run, instead of idling until the iteration ends; replies stay in order."""
+    key = f"{key_prefix}:chunks"
+    await INCR_AND_GET.run(redis_client, [key])  # warm: connection open, script loaded
+    before = pipeline_stats(redis_client)
+    assert before is not None
+    replies = await asyncio.gather(*(INCR_AND_GET.run(redis_client, [key]) for _ in range(64)))
+    assert replies == [str(n).encode() for n in range(2, 66)]
+    after = pipeline_stats(redis_client)
+    assert after is not None
+    assert after.commands - before.commands == 64
+    assert after.batches - before.batches >= 4  # written 16 at a time, not in one write
+
+
 async def test_no_connection_leaks_after_cancellations(redis_url: str) -> None:
     client = connect(redis_url, max_connections=4)
     try:
