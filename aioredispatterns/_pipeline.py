@@ -8,10 +8,15 @@ as a true pipeline: batches are written back to back without waiting for earlier
 and replies are read in order (the server answers one connection in order).
 
 * ``execute()`` packs the command (redis-py's encoder), queues it and waits on a future.
-* The first caller of an iteration becomes the *writer*: it yields once so that every
-  coroutine runnable in this iteration can queue its command, then writes the whole
-  queue with one ``send_packed_command`` (in chunks of at most ``max_batch`` commands
-  and ``max_batch_bytes`` bytes).
+* The first caller of an iteration becomes the *writer*. If replies are outstanding
+  (the connection is busy), it yields once so that every coroutine runnable in this
+  iteration can queue its command, then writes the whole queue in one write (chunks of
+  at most ``max_batch`` commands and ``max_batch_bytes`` bytes). On an idle connection
+  it writes at once: with nothing in flight there is little concurrency to wait for, and
+  the callers arriving meanwhile gather behind it.
+* Writes go straight to the connection's stream, waiting (up to the socket timeout)
+  only when the socket pushes back: redis-py's ``send_packed_command`` would run each
+  write as a task under ``asyncio.wait_for`` (see ``_open_stream_writer``).
 * While the writer waits for its iteration to end, the caller that makes the queue
   ``flush_at`` long writes it at once (a plain, synchronous transport write). The server
   then starts on those commands while the rest of the iteration is still running in
@@ -225,13 +230,16 @@ class AutoPipeline:
         """Write everything queued in this iteration (and whatever queues meanwhile)."""
         cancelled: BaseException | None = None
         with anyio.CancelScope(shield=True):
-            self._gathering = True
-            try:
-                await asyncio.sleep(0)  # let the rest of this iteration queue up
-            except asyncio.CancelledError as exc:
-                cancelled = exc
-            finally:
-                self._gathering = False
+            # On an idle connection (nothing in flight: little concurrency) waiting for
+            # company only adds latency; on a busy one the iteration's commands gather.
+            if self._in_flight:
+                self._gathering = True
+                try:
+                    await asyncio.sleep(0)  # let the rest of this iteration queue up
+                except asyncio.CancelledError as exc:
+                    cancelled = exc
+                finally:
+                    self._gathering = False
             try:
                 while self._queue:
                     batch = self._take_batch()
@@ -252,13 +260,10 @@ class AutoPipeline:
 
         Synchronous, so nothing can interleave: the writer is parked in its yield and no
         other write is pending, which keeps the order of ``_in_flight`` the order on the
-        wire. redis-py has no public synchronous write, so this uses the connection's
-        asyncio streams; without them, the writer sends the queue as before.
+        wire. Without an open stream, the writer sends the queue as before.
         """
-        connection = self._connection
-        writer = getattr(connection, "_writer", None)
-        reader = getattr(connection, "_reader", None)
-        if writer is None or reader is None or writer.is_closing() or reader.at_eof():
+        writer = _open_stream_writer(self._connection)
+        if writer is None:
             return  # not known to be open: the writer's path checks and reconnects
         batch = self._take_batch()
         if not batch:
@@ -299,8 +304,15 @@ class AutoPipeline:
         chunks = [part for call in batch for part in call.command]
         self._in_flight.extend(batch)
         try:
-            # A health check (PING) is only safe with no replies outstanding.
-            await connection.send_packed_command(chunks, check_health=idle)
+            if idle:
+                # A health check (PING) is only safe with no replies outstanding.
+                await connection.check_health()  # type: ignore[no-untyped-call]
+            writer = _open_stream_writer(connection)
+            if writer is None:
+                await connection.send_packed_command(chunks, check_health=False)
+            else:
+                writer.writelines(chunks)
+                await _drain(writer, connection)
         except BaseException as exc:
             await self._fail_connection(connection, exc)
             raise
@@ -537,6 +549,40 @@ class _Watchdog:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+
+def _open_stream_writer(connection: AbstractConnection | None) -> asyncio.StreamWriter | None:
+    """The asyncio writer of ``connection`` if its stream is known to be open, else None.
+
+    redis-py's only write API, ``send_packed_command``, runs each write under
+    ``asyncio.wait_for`` when a socket timeout is set: a task and a timer per batch,
+    which costs a single caller about a third of its round trip. Writing to the stream
+    directly (and waiting, with the timeout, only when the socket pushes back) avoids
+    that; redis-py has no public synchronous write, so this reads its connection's
+    ``_reader``/``_writer`` and returns None if they are missing or closed.
+    """
+    writer = getattr(connection, "_writer", None)
+    reader = getattr(connection, "_reader", None)
+    if not isinstance(writer, asyncio.StreamWriter) or not isinstance(reader, asyncio.StreamReader):
+        return None
+    if writer.is_closing() or reader.at_eof():
+        return None
+    return writer
+
+
+async def _drain(writer: asyncio.StreamWriter, connection: AbstractConnection) -> None:
+    """Wait until the socket takes the buffered bytes, if it must, for at most the
+    connection's socket timeout. Below the transport's high-water mark nothing waits."""
+    transport = writer.transport
+    if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+        return
+    try:
+        with anyio.fail_after(connection.socket_timeout):
+            await writer.drain()
+    except TimeoutError:
+        raise rex.TimeoutError("Timeout writing to socket") from None
+    except OSError as exc:
+        raise rex.ConnectionError(f"Error while writing to socket: {exc}") from exc
 
 
 def _settle(call: _Call, *, response: Any = None, exc: BaseException | None = None) -> None:
