@@ -14,16 +14,21 @@ Policies::
     SlidingWindowCounter(limit, window)  approximate sliding window from two counters
     FixedWindow(limit, window)           at most limit per window aligned to the epoch
 
-Every key written gets a TTL in the same script (when it would expire, the limit is back
-to its full quota, so expiry loses nothing); denied requests and peeks write nothing.
+State, one key per policy: a token bucket and GCRA keep one timestamp (a bucket of
+``capacity`` tokens refilled every ``1/rate`` seconds *is* GCRA with burst ``capacity``:
+tokens = capacity - (timestamp - now) * rate, so the two share their code), the sliding
+log a sorted set, the counter policies a short string. Every key written gets a TTL in
+the same command (when it would expire, the limit is back to its full quota, so expiry
+loses nothing). Peeks write nothing; a denied hit consumes nothing (a sliding log does
+drop the entries that have left its window, which changes no decision).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar, TypeAlias
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple, TypeAlias
 
 import anyio
 
@@ -105,7 +110,8 @@ class TokenBucket(_PolicyBase):
     """A bucket of ``capacity`` tokens refilled continuously at ``rate`` tokens per second.
 
     Bound: over any interval of ``t`` seconds at most ``capacity + rate * t`` units pass.
-    State: one hash (tokens, last update); it expires when the bucket would be full.
+    State: one timestamp, the moment the bucket will be full again (the tokens follow
+    from it and the server's clock); the key expires then.
 
     Raises:
         ConfigurationError: ``capacity`` is not a positive int or ``rate`` not positive.
@@ -210,7 +216,7 @@ class SlidingWindowCounter(_WindowPolicy):
     The previous window's count is weighted by how much of it the sliding window still
     covers. Bound: at most ``limit`` per aligned window, and fewer than ``2 * limit`` in any
     ``window`` seconds (the estimate assumes the previous window's traffic was even).
-    State: one small hash, whatever the limit.
+    State: one short string (window, count, previous count), whatever the limit.
 
     Raises:
         ConfigurationError: a non-positive limit or window.
@@ -226,7 +232,8 @@ class SlidingWindowCounter(_WindowPolicy):
 class FixedWindow(_WindowPolicy):
     """At most ``limit`` units per ``window`` seconds, windows aligned to the server epoch.
 
-    Up to ``2 * limit`` can pass around a window boundary. State: one small hash.
+    Up to ``2 * limit`` can pass around a window boundary.
+    State: one short string (window, count).
 
     Raises:
         ConfigurationError: a non-positive limit or window.
@@ -241,9 +248,8 @@ class FixedWindow(_WindowPolicy):
 Policy: TypeAlias = TokenBucket | GCRA | SlidingWindowLog | SlidingWindowCounter | FixedWindow
 
 
-@dataclass(frozen=True, slots=True)
-class RateLimitDecision:
-    """The answer for one request.
+class RateLimitDecision(NamedTuple):
+    """The answer for one request (an immutable named tuple: cheap to build per request).
 
     With several limits, ``limit``/``remaining``/``reset_after`` describe the binding
     limit (the one with the fewest units left; when denied, the one to wait longest for)
@@ -266,7 +272,7 @@ class RateLimitDecision:
     retry_after: float
     reset_after: float
     server_time: float
-    per_limit: tuple[RateLimitDecision, ...] = field(default=(), repr=False)
+    per_limit: tuple[RateLimitDecision, ...] = ()
 
 
 def _parse(reply: Sequence[int], policies: Sequence[Policy]) -> RateLimitDecision:
@@ -274,13 +280,13 @@ def _parse(reply: Sequence[int], policies: Sequence[Policy]) -> RateLimitDecisio
     allowed = reply[0] == 1
     server_time = reply[1] / _US
     if len(policies) == 1:  # the common case: one RateLimitDecision, no per-limit tuple
-        _, remaining, retry_us, reset_us = reply[2:6]
+        _, _, _, remaining, retry_us, reset_us = reply
         return RateLimitDecision(
             allowed,
             policies[0].size,
-            max(0, remaining),
-            0.0 if allowed else max(0, retry_us) / _US,
-            max(0, reset_us) / _US,
+            remaining if remaining > 0 else 0,
+            0.0 if allowed or retry_us <= 0 else retry_us / _US,
+            reset_us / _US if reset_us > 0 else 0.0,
             server_time,
         )
     parts = []
@@ -403,13 +409,10 @@ class RateLimiter:
             )
         return cost
 
-    async def _decide(self, identity: KeyT, cost: object, mode: str) -> RateLimitDecision:
+    def _argv(self, mode: str, cost: object) -> Sequence[str]:
         if cost == 1 and mode == "1" and type(cost) is int:
-            args: Sequence[str] = self._hit_one
-        else:
-            args = (mode, str(self._check_cost(cost)), *self._args)
-        reply = await _DECIDE.run(self._client, self._keys(identity), args)
-        return _parse(reply, self._policies)
+            return self._hit_one
+        return (mode, str(self._check_cost(cost)), *self._args)
 
     async def hit(self, identity: KeyT, cost: int = 1) -> RateLimitDecision:
         """Ask for ``cost`` units for ``identity``; consume them if every limit allows.
@@ -422,7 +425,10 @@ class RateLimiter:
         Cancellation: the script runs atomically on the server; if it ran before the
         caller was cancelled, the units stay consumed (the reply is lost).
         """
-        return await self._decide(identity, cost, "1")
+        # One await between the caller and the script: this is the hot path.
+        keys = self._keys(identity)
+        reply = await _DECIDE.run(self._client, keys, self._argv("1", cost))
+        return _parse(reply, self._policies)
 
     async def peek(self, identity: KeyT, cost: int = 1) -> RateLimitDecision:
         """Whether ``cost`` units would be allowed now, without consuming or writing.
@@ -430,7 +436,9 @@ class RateLimiter:
         ``remaining`` and ``reset_after`` describe the state as it is (nothing consumed).
         Cancellation: harmless; nothing is written.
         """
-        return await self._decide(identity, cost, "0")
+        keys = self._keys(identity)
+        reply = await _DECIDE.run(self._client, keys, self._argv("0", cost))
+        return _parse(reply, self._policies)
 
     # A timeout argument rather than fail_after(): knowing the deadline lets wait() give
     # up at once when the next chance lies beyond it, instead of sleeping in vain.

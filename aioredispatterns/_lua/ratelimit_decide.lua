@@ -3,21 +3,30 @@
 -- KEYS[i]      the state key of limit i (all keys share the identity's hash tag)
 -- ARGV[1]      mode: 1 = hit (consume if every limit allows), 0 = peek (never writes)
 -- ARGV[2]      cost: units to consume (a positive integer)
--- ARGV[3+3(i-1) .. 5+3(i-1)]  limit i: kind, size, interval_us
---              kind 1 token bucket   size = capacity, interval_us = microseconds per token
---              kind 2 GCRA           size = burst,    interval_us = emission interval
---              kind 3 sliding log    size = limit,    interval_us = window
---              kind 4 sliding counter size = limit,   interval_us = window
---              kind 5 fixed window   size = limit,    interval_us = window
+-- ARGV[3i .. 3i+2]  limit i: kind, size, interval_us
+--              kind 1 token bucket    size = capacity, interval_us = microseconds per token
+--              kind 2 GCRA            size = burst,    interval_us = emission interval
+--              kind 3 sliding log     size = limit,    interval_us = window
+--              kind 4 sliding counter size = limit,    interval_us = window
+--              kind 5 fixed window    size = limit,    interval_us = window
 -- returns      {allowed (0/1), server time in us, then per limit i:
 --               allowed_i, remaining_i, retry_after_us_i, reset_after_us_i}
--- Every write sets a TTL (PEXPIRE) in the same call; a denied request or a peek writes
--- nothing, so a key never lives without a TTL.
+--
+-- State, one key per limit, written only when every limit allows a hit, always with a
+-- TTL in the same command (so a key never lives without one):
+--   kinds 1, 2  a string: the theoretical arrival time (TAT) in us. A token bucket of
+--               capacity C refilled every I us is GCRA with burst C and interval I:
+--               tokens = C - (TAT - now) / I, so both share this code.
+--   kind 3      a sorted set: one member per admitted unit, scored by its time in us.
+--   kind 4      a string "window current previous": counts of this and the last window.
+--   kind 5      a string "window count".
+-- Numbers written go through string.format: Lua's own conversion keeps 14 digits, too
+-- few for a time in microseconds.
 
-local mode = tonumber(ARGV[1])
+local hit = ARGV[1] == '1'
 local cost = tonumber(ARGV[2])
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = t[1] * 1000000 + t[2]
 
 local function ms(us)
     local v = math.ceil(us / 1000)
@@ -25,166 +34,148 @@ local function ms(us)
     return v
 end
 
-local function int(x)
-    return string.format('%.0f', x)
-end
-
-local function num(x)
-    return string.format('%.17g', x)
-end
-
--- Each evaluator returns ok, remaining now, retry_us, reset_us now, and when ok also
--- remaining and reset_us after consuming, and the commit function that consumes.
-
-local function token_bucket(key, capacity, interval)
-    local data = redis.call('HMGET', key, 't', 'ts')
-    local tokens = tonumber(data[1])
-    local ts = tonumber(data[2])
-    if tokens == nil or ts == nil then
-        tokens = capacity
+-- Phase 1: read every limit's state and decide whether it allows `cost` more units.
+local n = #KEYS
+local ok, a, b, c = {}, {}, {}, {}  -- per limit: allowed, then state by kind
+local all = true
+for i = 1, n do
+    local key = KEYS[i]
+    local kind = tonumber(ARGV[3 * i])
+    local size = tonumber(ARGV[3 * i + 1])
+    local interval = tonumber(ARGV[3 * i + 2])
+    local allowed
+    if kind <= 2 then
+        local tat = tonumber(redis.call('GET', key))
+        if tat == nil or tat < now then tat = now end
+        a[i] = tat
+        allowed = tat + (cost - size) * interval <= now
+    elseif kind == 3 then
+        local count
+        if hit then
+            -- Members older than the window no longer count: drop them, then count.
+            redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now - interval))
+            count = redis.call('ZCARD', key)
+        else
+            count = redis.call('ZCOUNT', key, string.format('(%.0f', now - interval), '+inf')
+        end
+        a[i] = count
+        allowed = count + cost <= size
     else
-        local elapsed = now - ts
-        if elapsed < 0 then elapsed = 0 end
-        tokens = math.min(capacity, tokens + elapsed / interval)
-    end
-    if tokens >= cost then
-        local left = tokens - cost
-        local reset = (capacity - left) * interval
-        return true, math.floor(tokens), 0, (capacity - tokens) * interval,
-            math.floor(left), reset, function()
-            redis.call('HSET', key, 't', num(left), 'ts', int(now))
-            redis.call('PEXPIRE', key, ms(reset))
+        local idx = math.floor(now / interval)
+        local cur, prev = 0, 0
+        local v = redis.call('GET', key)
+        if v then
+            local w, x, y = string.match(v, '^(%d+) (%d+) ?(%d*)$')
+            w = tonumber(w)
+            if w == idx then
+                cur, prev = tonumber(x), tonumber(y) or 0
+            elseif w == idx - 1 and kind == 4 then
+                prev = tonumber(x)
+            end
+        end
+        a[i], b[i], c[i] = idx, cur, prev
+        if kind == 4 then
+            local estimate = prev * (1 - (now - idx * interval) / interval) + cur
+            allowed = estimate + cost <= size
+        else
+            allowed = cur + cost <= size
         end
     end
-    return false, math.floor(tokens), (cost - tokens) * interval, (capacity - tokens) * interval
+    ok[i] = allowed
+    if not allowed then all = false end
 end
 
-local function gcra(key, burst, interval)
-    local tat = tonumber(redis.call('GET', key))
-    if tat == nil or tat < now then tat = now end
-    local new_tat = tat + cost * interval
-    local allow_at = new_tat - burst * interval
-    if allow_at <= now then
-        local reset = new_tat - now
-        local left = math.floor((now - allow_at) / interval + 1e-9)
-        return true, left + cost, 0, tat - now, left, reset, function()
-            redis.call('SET', key, num(new_tat), 'PX', ms(reset))
+-- Phase 2: consume from every limit (or none), and report each one.
+local consume = all and hit
+local reply = {all and 1 or 0, now}
+for i = 1, n do
+    local key = KEYS[i]
+    local kind = tonumber(ARGV[3 * i])
+    local size = tonumber(ARGV[3 * i + 1])
+    local interval = tonumber(ARGV[3 * i + 2])
+    local remaining, retry, reset = 0, 0, 0
+    if kind <= 2 then
+        local tat = a[i]
+        if consume then
+            local new_tat = tat + cost * interval
+            reset = new_tat - now
+            remaining = math.floor((now - new_tat) / interval + size + 1e-9)
+            redis.call('SET', key, string.format('%.17g', new_tat), 'PX', ms(reset))
+        else
+            reset = tat - now
+            remaining = math.floor((now - tat) / interval + size + 1e-9)
+            if not ok[i] then retry = tat + (cost - size) * interval - now end
         end
-    end
-    local remaining = math.floor((now + burst * interval - tat) / interval + 1e-9)
-    if remaining < 0 then remaining = 0 end
-    return false, remaining, allow_at - now, tat - now
-end
-
-local function sliding_log(key, limit, window)
-    local floor_score = '(' .. int(now - window)
-    local count = redis.call('ZCOUNT', key, floor_score, '+inf')
-    local reset = 0
-    local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-    if newest[2] then reset = math.max(0, tonumber(newest[2]) + window - now) end
-    if count + cost <= limit then
-        return true, limit - count, 0, reset, limit - count - cost, window, function()
-            redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - window))
-            local score = int(now)
+    elseif kind == 3 then
+        local count = a[i]
+        if consume then
+            local score = string.format('%.0f', now)
             local args = {}
-            for i = 1, cost do
-                args[#args + 1] = score
+            for k = 1, cost do
+                args[2 * k - 1] = score
                 -- Unique within one microsecond: the in-window count only grows there.
-                args[#args + 1] = score .. ':' .. (count + i)
+                args[2 * k] = score .. ':' .. (count + k)
             end
             redis.call('ZADD', key, unpack(args))
-            redis.call('PEXPIRE', key, ms(window))
+            redis.call('PEXPIRE', key, ms(interval))
+            remaining, reset = size - count - cost, interval
+        else
+            remaining = size - count
+            local floor_score = string.format('(%.0f', now - interval)
+            local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+            if newest[2] then reset = math.max(0, tonumber(newest[2]) + interval - now) end
+            if not ok[i] then
+                -- Wait until enough of the oldest units in the window have left it.
+                local oldest = redis.call('ZRANGEBYSCORE', key, floor_score, '+inf',
+                    'WITHSCORES', 'LIMIT', count + cost - size - 1, 1)
+                retry = interval
+                if oldest[2] then retry = tonumber(oldest[2]) + interval - now end
+            end
         end
-    end
-    local retry = window
-    local need = count + cost - limit
-    local oldest = redis.call('ZRANGEBYSCORE', key, floor_score, '+inf', 'WITHSCORES',
-        'LIMIT', need - 1, 1)
-    if oldest[2] then retry = tonumber(oldest[2]) + window - now end
-    return false, limit - count, retry, reset
-end
-
-local function sliding_counter(key, limit, window)
-    local idx = math.floor(now / window)
-    local start = idx * window
-    local data = redis.call('HMGET', key, 'w', 'c', 'p')
-    local w = tonumber(data[1])
-    local cur, prev = 0, 0
-    if w == idx then
-        cur, prev = tonumber(data[2]) or 0, tonumber(data[3]) or 0
-    elseif w == idx - 1 then
-        prev = tonumber(data[2]) or 0
-    end
-    local estimate = prev * (1 - (now - start) / window) + cur
-    local remaining = math.floor(limit - estimate + 1e-9)
-    if remaining < 0 then remaining = 0 end
-    -- The current window's count weighs until the end of the next one.
-    local reset = 0
-    if cur > 0 then reset = start + 2 * window - now
-    elseif prev > 0 then reset = start + window - now end
-    if estimate + cost <= limit then
-        local after = start + 2 * window - now
-        return true, remaining, 0, reset, remaining - cost, after, function()
-            redis.call('HSET', key, 'w', int(idx), 'c', cur + cost, 'p', prev)
-            redis.call('PEXPIRE', key, ms(after))
-        end
-    end
-    local retry
-    if cur + cost > limit then
-        -- Wait for the next window, then for this window's weight to fade enough.
-        local f = 1 - (limit - cost) / cur
-        if f < 0 then f = 0 end
-        retry = start + window + f * window - now
     else
-        retry = start + (1 - (limit - cur - cost) / prev) * window - now
-    end
-    -- One microsecond more: the estimate is a float and must be within the limit then.
-    return false, remaining, retry + 1, reset
-end
-
-local function fixed_window(key, limit, window)
-    local idx = math.floor(now / window)
-    local finish = (idx + 1) * window
-    local data = redis.call('HMGET', key, 'w', 'c')
-    local cur = 0
-    if tonumber(data[1]) == idx then cur = tonumber(data[2]) or 0 end
-    local reset = 0
-    if cur > 0 then reset = finish - now end
-    if cur + cost <= limit then
-        return true, limit - cur, 0, reset, limit - cur - cost, finish - now, function()
-            redis.call('HSET', key, 'w', int(idx), 'c', cur + cost)
-            redis.call('PEXPIRE', key, ms(finish - now))
+        local idx, cur, prev = a[i], b[i], c[i]
+        local start = idx * interval
+        if kind == 4 then
+            local estimate = prev * (1 - (now - start) / interval) + cur
+            remaining = math.floor(size - estimate + 1e-9)
+            if remaining < 0 then remaining = 0 end
+            -- The current window's count weighs until the end of the next one.
+            if cur > 0 then reset = start + 2 * interval - now
+            elseif prev > 0 then reset = start + interval - now end
+            if consume then
+                reset = start + 2 * interval - now
+                remaining = remaining - cost
+                redis.call('SET', key, string.format('%.0f %.0f %.0f', idx, cur + cost, prev),
+                    'PX', ms(reset))
+            elseif not ok[i] then
+                if cur + cost > size then
+                    -- Wait for the next window, then for this one's weight to fade enough.
+                    local f = 1 - (size - cost) / cur
+                    if f < 0 then f = 0 end
+                    retry = start + interval + f * interval - now
+                else
+                    retry = start + (1 - (size - cur - cost) / prev) * interval - now
+                end
+                -- One microsecond more: the estimate is a float and must be within then.
+                retry = retry + 1
+            end
+        else
+            local finish = start + interval
+            remaining = size - cur
+            if cur > 0 then reset = finish - now end
+            if consume then
+                remaining, reset = size - cur - cost, finish - now
+                redis.call('SET', key, string.format('%.0f %.0f', idx, cur + cost),
+                    'PX', ms(reset))
+            elseif not ok[i] then
+                retry = finish - now
+            end
         end
     end
-    return false, limit - cur, finish - now, reset
-end
-
-local evaluators = {token_bucket, gcra, sliding_log, sliding_counter, fixed_window}
-
-local results = {}
-local all_ok = true
-for i = 1, #KEYS do
-    local base = 3 + 3 * (i - 1)
-    local kind = tonumber(ARGV[base])
-    local size = tonumber(ARGV[base + 1])
-    local interval = tonumber(ARGV[base + 2])
-    results[i] = {evaluators[kind](KEYS[i], size, interval)}
-    if not results[i][1] then all_ok = false end
-end
-
-local consume = all_ok and mode == 1
-local reply = {all_ok and 1 or 0, now}
-for i = 1, #results do
-    local r = results[i]
-    local remaining, reset = r[2], r[4]
-    if consume then
-        remaining, reset = r[5], r[6]
-        r[7]()
-    end
-    local n = #reply
-    reply[n + 1] = r[1] and 1 or 0
-    reply[n + 2] = remaining
-    reply[n + 3] = math.ceil(r[3])
-    reply[n + 4] = math.ceil(reset)
+    local m = #reply
+    reply[m + 1] = ok[i] and 1 or 0
+    reply[m + 2] = remaining
+    reply[m + 3] = math.ceil(retry)
+    reply[m + 4] = math.ceil(reset)
 end
 return reply
