@@ -59,7 +59,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,6 +249,10 @@ class AutoPipeline:
                         await self._send(batch)
                     except asyncio.CancelledError as exc:
                         cancelled = exc  # native cancel: the batch's callers were failed
+                    except Exception as exc:
+                        # The batch's callers get the error; what queued behind it goes
+                        # out on a fresh connection rather than wait for another caller.
+                        _fail_calls(batch, exc)
             finally:
                 self._writing = False
         if cancelled is not None:
@@ -297,9 +301,7 @@ class AutoPipeline:
         try:
             connection = await self._ensure_connection(idle)
         except Exception as exc:
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(exc)
+            _fail_calls(batch, exc)
             return
         chunks = [part for call in batch for part in call.command]
         self._in_flight.extend(batch)
@@ -423,10 +425,7 @@ class AutoPipeline:
         self._connection_errors += 1
         failed, self._in_flight = self._in_flight, collections.deque()
         self._reading = False
-        error = exc if isinstance(exc, Exception) else rex.ConnectionError(repr(exc))
-        for call in failed:
-            if not call.future.done():
-                call.future.set_exception(error)
+        _fail_calls(failed, exc if isinstance(exc, Exception) else rex.ConnectionError(repr(exc)))
         client: Redis = self._client  # type: ignore[assignment]
         with anyio.CancelScope(shield=True):
             try:
@@ -583,6 +582,12 @@ async def _drain(writer: asyncio.StreamWriter, connection: AbstractConnection) -
         raise rex.TimeoutError("Timeout writing to socket") from None
     except OSError as exc:
         raise rex.ConnectionError(f"Error while writing to socket: {exc}") from exc
+
+
+def _fail_calls(calls: Iterable[_Call], exc: Exception) -> None:
+    for call in calls:
+        if not call.future.done():
+            call.future.set_exception(exc)
 
 
 def _settle(call: _Call, *, response: Any = None, exc: BaseException | None = None) -> None:

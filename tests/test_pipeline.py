@@ -4,7 +4,9 @@ confined to the callers they concern."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from aioredispatterns import (
     CommandError,
+    CommandTimeout,
     ConfigurationError,
     ConnectionFailed,
     connect,
@@ -245,40 +248,55 @@ async def test_response_callbacks_match_redis_py(redis_client: Redis, key_prefix
 
 
 async def test_server_restart_between_batches_reconnects(redis_server: RedisServer) -> None:
+    """A connection the server closed while idle is replaced before anything is written
+    to it, whether one caller comes next or a crowd that would be written mid-iteration."""
     if not redis_server.owned:
         pytest.skip("restarts a server: needs one this suite started")
     with RedisServer(redis_server.binary, name="restart") as server:
         client = connect(server.url)
         try:
-            assert await execute(client, "SET", "k", 1) is True
-            server.kill()
-            server.restart()
-            await anyio.sleep(0.1)  # let the loop see the old connection's EOF
-            assert await execute(client, "SET", "k", 2) is True
-            assert await execute(client, "GET", "k") == b"2"
+            for crowd in (1, 64):
+                assert await execute(client, "SET", "n", 0) is True
+                server.kill()
+                server.restart()
+                await anyio.sleep(0.1)  # let the loop see the old connection's EOF
+                replies = await asyncio.gather(
+                    *(execute(client, "INCR", "n") for _ in range(crowd))
+                )
+                assert sorted(replies) == list(range(1, crowd + 1))
+            stats = pipeline_stats(client)
+            assert stats is not None
+            assert stats.connection_errors == 0
         finally:
             await client.aclose()
 
 
-async def test_restart_while_idle_then_a_crowd_reconnects_before_writing(
+async def test_a_stalled_server_fails_every_caller_within_the_socket_timeout(
     redis_server: RedisServer,
 ) -> None:
-    """64 callers in one iteration would be written early, mid-iteration; a connection the
-    server closed while idle must still be replaced first, so no call fails."""
+    """A server that stops reading (SIGSTOP) fills the socket: the write waits at most
+    socket_timeout, its callers fail, and the callers queued behind it are not left
+    waiting for a writer; once the server is back, the next command works."""
     if not redis_server.owned:
-        pytest.skip("restarts a server: needs one this suite started")
-    with RedisServer(redis_server.binary, name="restart-crowd") as server:
-        client = connect(server.url)
+        pytest.skip("stops a server: needs one this suite started")
+    with RedisServer(redis_server.binary, name="stall") as server:
+        client = connect(server.url, socket_timeout=0.5, retries=0)
+        assert server.pid is not None
         try:
-            assert await execute(client, "SET", "k", 1) is True
-            server.kill()
-            server.restart()
-            await anyio.sleep(0.1)  # let the loop see the old connection's EOF
-            replies = await asyncio.gather(*(execute(client, "INCR", "n") for _ in range(64)))
-            assert sorted(replies) == list(range(1, 65))
-            stats = pipeline_stats(client)
-            assert stats is not None
-            assert stats.connection_errors == 0
+            assert await execute(client, "PING") is True
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                value = b"x" * (16 << 20)  # more than the kernel's socket buffers hold
+                with anyio.fail_after(30):
+                    results = await asyncio.gather(
+                        *(execute(client, "SET", f"k{i}", value) for i in range(3)),
+                        return_exceptions=True,
+                    )
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            assert all(isinstance(r, CommandTimeout | ConnectionFailed) for r in results), results
+            assert await execute(client, "SET", "after", 1) is True
+            assert await execute(client, "GET", "after") == b"1"
         finally:
             await client.aclose()
 
