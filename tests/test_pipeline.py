@@ -26,6 +26,7 @@ from aioredispatterns import (
     connect,
     pipeline_stats,
 )
+from aioredispatterns._client import state_of
 from aioredispatterns._commands import execute, execute_blocking
 from aioredispatterns._scripts import Script
 from aioredispatterns.testing import RedisServer, borrowed_connections
@@ -299,6 +300,18 @@ async def test_a_stalled_server_fails_every_caller_within_the_socket_timeout(
             assert await execute(client, "GET", "after") == b"1"
         finally:
             await client.aclose()
+
+
+async def test_writes_take_the_direct_stream_path(redis_client: Redis) -> None:
+    """The fast write path reads redis-py's connection streams (no public synchronous
+    write exists); if a redis-py release renames them, writes silently fall back to the
+    slow path, so this fails instead."""
+    from aioredispatterns._pipeline import _open_stream_writer
+
+    assert await execute(redis_client, "PING") is True
+    pipeline = state_of(redis_client).pipeline
+    assert pipeline is not None
+    assert _open_stream_writer(pipeline.kept_connection) is not None
 
 
 async def test_a_long_iteration_is_written_in_chunks_as_it_queues(
