@@ -46,6 +46,7 @@ test suite shows it). Use the token wherever a double run would hurt.
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import math
 import os
@@ -367,7 +368,12 @@ class _LeaseManager(abc.ABC):
         release_error: RedisPatternsError | None = None
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._keep_alive, lease, body_scope)
+                # The renewal task is started by a timer at the first renewal: most bodies
+                # end sooner, and spawning and cancelling a task per hold would cost more
+                # than the lock's two round trips.
+                timer = asyncio.get_running_loop().call_later(
+                    self._ttl / 3, tg.start_soon, self._keep_alive, lease, body_scope
+                )
                 try:
                     with body_scope:
                         yield lease
@@ -376,6 +382,7 @@ class _LeaseManager(abc.ABC):
                     # an ExceptionGroup).
                     body_error = exc
                 finally:
+                    timer.cancel()
                     tg.cancel_scope.cancel()
         finally:
             if not lease._released:
@@ -394,15 +401,14 @@ class _LeaseManager(abc.ABC):
             raise release_error
 
     async def _keep_alive(self, lease: Lease, body_scope: anyio.CancelScope) -> None:
-        while True:
-            await anyio.sleep(self._ttl / 3)
-            if lease._released:
-                return
+        # Started ttl/3 after the acquisition: renew now, then every ttl/3.
+        while not lease._released:
             if not await self._renew(lease):
-                break
-        lease._mark_lost()
-        if self._cancel_on_loss:
-            body_scope.cancel()
+                lease._mark_lost()
+                if self._cancel_on_loss:
+                    body_scope.cancel()
+                return
+            await anyio.sleep(self._ttl / 3)
 
     async def _renew(self, lease: Lease) -> bool:
         # Retry through connection errors, but never past the moment the lease may have
