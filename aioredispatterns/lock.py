@@ -371,9 +371,14 @@ class _LeaseManager(abc.ABC):
                 # The renewal task is started by a timer at the first renewal: most bodies
                 # end sooner, and spawning and cancelling a task per hold would cost more
                 # than the lock's two round trips.
-                timer = asyncio.get_running_loop().call_later(
-                    self._ttl / 3, tg.start_soon, self._keep_alive, lease, body_scope
-                )
+                renewing = False
+
+                def start_renewing() -> None:
+                    nonlocal renewing
+                    renewing = True
+                    tg.start_soon(self._keep_alive, lease, body_scope)
+
+                timer = asyncio.get_running_loop().call_later(self._ttl / 3, start_renewing)
                 try:
                     with body_scope:
                         yield lease
@@ -383,7 +388,8 @@ class _LeaseManager(abc.ABC):
                     body_error = exc
                 finally:
                     timer.cancel()
-                    tg.cancel_scope.cancel()
+                    if renewing:  # cancelling an empty task group would cost a yield
+                        tg.cancel_scope.cancel()
         finally:
             if not lease._released:
                 with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
