@@ -18,7 +18,7 @@ State, one key per policy: a token bucket and GCRA keep one timestamp (a bucket 
 ``capacity`` tokens refilled every ``1/rate`` seconds *is* GCRA with burst ``capacity``:
 tokens = capacity - (timestamp - now) * rate, so the two share their code), the sliding
 log a sorted set, the counter policies a short string. Every key written gets a TTL in
-the same command (when it would expire, the limit is back to its full quota, so expiry
+the same script (when it would expire, the limit is back to its full quota, so expiry
 loses nothing). Peeks write nothing; a denied hit consumes nothing (a sliding log does
 drop the entries that have left its window, which changes no decision).
 """

@@ -12,8 +12,10 @@
 -- returns      {allowed (0/1), server time in us, then per limit i:
 --               allowed_i, remaining_i, retry_after_us_i, reset_after_us_i}
 --
--- State, one key per limit, written only when every limit allows a hit, always with a
--- TTL in the same command (so a key never lives without one):
+-- State, one key per limit, consumed from only when every limit allows a hit, and given
+-- a TTL by the same script whenever it is written (so a key never lives without one;
+-- a sliding log also drops the members that have left its window on any hit, which
+-- keeps its TTL):
 --   kinds 1, 2  a string: the theoretical arrival time (TAT) in us. A token bucket of
 --               capacity C refilled every I us is GCRA with burst C and interval I:
 --               tokens = C - (TAT - now) / I, so both share this code.
