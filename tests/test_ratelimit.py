@@ -446,8 +446,13 @@ async def test_cancelled_hits_leak_nothing(redis_client: Any, key_prefix: str) -
     assert 1 <= taken <= 201
 
 
-async def test_cancelled_wait_consumes_nothing(redis_client: Any, key_prefix: str) -> None:
-    limiter = RateLimiter(redis_client, FixedWindow(1, 30.0), prefix=key_prefix)
+# Policies whose next unit is a full 30 s away whenever the first hit lands (a fixed
+# window's epoch-aligned boundary could fall inside the 50 ms and let the wait succeed).
+@pytest.mark.parametrize("policy", [GCRA(1, 30.0), SlidingWindowLog(1, 30.0)], ids=repr)
+async def test_cancelled_wait_consumes_nothing(
+    redis_client: Any, key_prefix: str, policy: Policy
+) -> None:
+    limiter = RateLimiter(redis_client, policy, prefix=key_prefix)
     assert (await limiter.hit("u")).allowed
     key = limiter._keys("u")[0]
     before = await redis_client.dump(key)  # the serialized state, whatever its type
