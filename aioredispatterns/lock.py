@@ -252,11 +252,22 @@ class _LeaseManager(abc.ABC):
     _timeout: float | None
     _cancel_on_loss: bool
 
-    def _setup(self, name: str, ttl: float, timeout: float | None, cancel_on_loss: bool) -> None:
+    def _setup(
+        self,
+        name: str,
+        ttl: float,
+        timeout: float | None,
+        cancel_on_loss: bool,
+        fence_ttl: float | None,
+    ) -> None:
+        """Validate and keep the settings every lease manager shares (no command sent)."""
         _seconds("ttl", ttl, minimum=0.01)
         _seconds("timeout", timeout, allow_none=True)
+        _seconds("fence_ttl", fence_ttl, allow_none=True, minimum=1.0)
         self.name = name
         self._ttl = float(ttl)
+        self._ttl_ms = _ms(self._ttl)
+        self._fence_ms = _fence_ms(fence_ttl)
         self._timeout = timeout
         self._cancel_on_loss = bool(cancel_on_loss)
         self._entered: dict[int, AbstractAsyncContextManager[Lease] | None] = {}
@@ -524,14 +535,11 @@ class Lock(_LeaseManager):
     ) -> None:
         self._client = check_client(client)
         keys: KeySpace = keyspace(prefix, "lock", name)
-        _seconds("fence_ttl", fence_ttl, allow_none=True, minimum=1.0)
-        self._setup(name, ttl, timeout, cancel_on_loss)
+        self._setup(name, ttl, timeout, cancel_on_loss, fence_ttl)
         self._owner_key = keys.key("owner")
         self._fence_key = keys.key("fence")
         self._wake_key = keys.key("wake")
         self._waiting_key = keys.key("waiting")
-        self._ttl_ms = _ms(self._ttl)
-        self._fence_ms = _fence_ms(fence_ttl)
 
     def __repr__(self) -> str:
         return f"<Lock {self.name!r} ttl={self._ttl}>"

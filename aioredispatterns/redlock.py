@@ -38,7 +38,7 @@ from ._client import AnyRedis, check_client
 from ._keys import DEFAULT_PREFIX, keyspace
 from ._scripts import Script, delete_if_equal
 from .errors import ConfigurationError, ConnectionFailed, RedisPatternsError
-from .lock import DEFAULT_FENCE_TTL, _fence_ms, _LeaseManager, _ms, _seconds
+from .lock import DEFAULT_FENCE_TTL, _LeaseManager, _seconds
 
 __all__ = ("Redlock",)
 
@@ -95,8 +95,7 @@ class Redlock(_LeaseManager):
             raise ConfigurationError(f"drift_factor must be in [0, 0.5), got {drift_factor!r}")
         _seconds("retry_delay", retry_delay, minimum=0.001)
         _seconds("node_timeout", node_timeout, allow_none=True, minimum=0.001)
-        _seconds("fence_ttl", fence_ttl, allow_none=True, minimum=1.0)
-        self._setup(name, ttl, timeout, cancel_on_loss)
+        self._setup(name, ttl, timeout, cancel_on_loss, fence_ttl)
         self._drift_factor = float(drift_factor)
         self._node_timeout = (
             min(0.5, max(0.005, self._ttl / 50)) if node_timeout is None else node_timeout
@@ -107,8 +106,6 @@ class Redlock(_LeaseManager):
         self.quorum = len(self._clients) // 2 + 1
         self._owner_key = keys.key("owner")
         self._fence_key = keys.key("fence")
-        self._ttl_ms = _ms(self._ttl)
-        self._fence_ms = _fence_ms(fence_ttl)
 
     def __repr__(self) -> str:
         return f"<Redlock {self.name!r} on {len(self._clients)} servers ttl={self._ttl}>"

@@ -9,17 +9,11 @@ stops renewing loses its slot when its lease runs out, without anyone cleaning u
 from __future__ import annotations
 
 from ._client import AnyRedis, check_client
+from ._commands import execute
 from ._keys import DEFAULT_PREFIX, keyspace
 from ._scripts import Script
 from .errors import ConfigurationError
-from .lock import (
-    DEFAULT_FENCE_TTL,
-    _fence_ms,
-    _LeaseManager,
-    _ms,
-    _seconds,
-    _wait_for_wakeup,
-)
+from .lock import DEFAULT_FENCE_TTL, _LeaseManager, _wait_for_wakeup
 
 __all__ = ("Semaphore",)
 
@@ -69,22 +63,17 @@ class Semaphore(_LeaseManager):
         keys = keyspace(prefix, "semaphore", name)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigurationError(f"limit must be an int >= 1, got {limit!r}")
-        _seconds("fence_ttl", fence_ttl, allow_none=True, minimum=1.0)
-        self._setup(name, ttl, timeout, cancel_on_loss)
+        self._setup(name, ttl, timeout, cancel_on_loss, fence_ttl)
         self.limit = limit
         self._holders_key = keys.key("holders")
         self._fence_key = keys.key("fence")
         self._wake_key = keys.key("wake")
-        self._ttl_ms = _ms(self._ttl)
-        self._fence_ms = _fence_ms(fence_ttl)
 
     def __repr__(self) -> str:
         return f"<Semaphore {self.name!r} limit={self.limit} ttl={self._ttl}>"
 
     async def holders(self) -> int:
         """How many leases are held right now (a snapshot, stale on return)."""
-        from ._commands import execute
-
         now_ms = await _server_ms(self._client)
         return int(await execute(self._client, "ZCOUNT", self._holders_key, f"({now_ms}", "+inf"))
 
@@ -115,7 +104,5 @@ class Semaphore(_LeaseManager):
 
 
 async def _server_ms(client: AnyRedis) -> int:
-    from ._commands import execute
-
     seconds, micros = await execute(client, "TIME")
     return int(seconds) * 1000 + int(micros) // 1000
