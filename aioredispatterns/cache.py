@@ -849,7 +849,7 @@ class Cache(AsyncContextManagerMixin):
                 written = await _FILL.run(
                     self._client,
                     [ks.base, ks.key("lease"), ks.key("wake")],
-                    [seen, blob, px, token, self._wake_ms()],
+                    [seen, blob, px, token, self._lease_ms()],
                 )
             except RedisPatternsError:
                 # The value is good; only caching it failed. Callers get it, the next
@@ -870,10 +870,11 @@ class Cache(AsyncContextManagerMixin):
                     await _FILL.run(
                         self._client,
                         [ks.base, ks.key("lease"), ks.key("wake")],
-                        [seen, b"", 0, token, self._wake_ms()],
+                        [seen, b"", 0, token, self._lease_ms()],
                     )
 
-    def _wake_ms(self) -> int:
+    def _lease_ms(self) -> int:
+        """The fill lease's TTL in ms (also how long a wake-up list is kept)."""
         return int(self.policy.lease_ttl * 1000)
 
     async def _load_distributed(
@@ -886,7 +887,7 @@ class Cache(AsyncContextManagerMixin):
     ) -> Any:
         policy = self.policy
         token = os.urandom(12).hex()
-        lease_ms = int(policy.lease_ttl * 1000)
+        lease_ms = self._lease_ms()
         wait = policy.lease_ttl if policy.lease_wait is None else policy.lease_wait
         deadline = anyio.current_time() + wait
         keys = [ks.base, ks.key("lease"), ks.key("wake")]
@@ -941,8 +942,9 @@ class Cache(AsyncContextManagerMixin):
         token = ""
         if self.policy.distributed:
             token = os.urandom(12).hex()
-            lease_ms = int(self.policy.lease_ttl * 1000)
-            taken = await execute(self._client, "SET", ks.key("lease"), token, "NX", "PX", lease_ms)
+            taken = await execute(
+                self._client, "SET", ks.key("lease"), token, "NX", "PX", self._lease_ms()
+            )
             if not taken:
                 return None  # another process is refreshing this key
         return await self._load_and_fill(ks, seen, seen_at, loader, seconds, token)
