@@ -136,6 +136,22 @@ class _Holder:
         previous, self.last = self.last, me
         return previous != me or self.inside <= 1
 
+    async def hand_off(
+        self, lock: Callable[[], AbstractAsyncContextManager[Any]], hold: float
+    ) -> None:
+        """One op: take ``lock()`` until this task took it from another, holding ``hold`` s."""
+        me = anyio.get_current_task().id
+        self.inside += 1
+        try:
+            handed_off = False
+            while not handed_off:
+                async with lock():
+                    handed_off = self.took(me)
+                    if hold:
+                        await anyio.sleep(hold)
+        finally:
+            self.inside -= 1
+
 
 def _ours_contended(hold: float) -> Any:
     @asynccontextmanager
@@ -145,17 +161,7 @@ def _ours_contended(hold: float) -> Any:
         holder = _Holder()
 
         async def op() -> None:
-            me = anyio.get_current_task().id
-            holder.inside += 1
-            try:
-                handed_off = False
-                while not handed_off:
-                    async with lock:
-                        handed_off = holder.took(me)
-                        if hold:
-                            await anyio.sleep(hold)
-            finally:
-                holder.inside -= 1
+            await holder.hand_off(lambda: lock, hold)
 
         try:
             yield op
@@ -172,20 +178,12 @@ def _redis_py_contended(hold: float) -> Any:
         name = f"{env.prefix}:rp-contended-{hold}"
         holder = _Holder()
 
+        def new_lock() -> RedisPyLock:
+            # One Lock object per acquisition: redis-py keeps the token on the object.
+            return RedisPyLock(client, name, timeout=10, sleep=0.1, thread_local=False)
+
         async def op() -> None:
-            me = anyio.get_current_task().id
-            holder.inside += 1
-            try:
-                handed_off = False
-                while not handed_off:
-                    # One Lock object per acquisition: redis-py keeps the token on the object.
-                    lock = RedisPyLock(client, name, timeout=10, sleep=0.1, thread_local=False)
-                    async with lock:
-                        handed_off = holder.took(me)
-                        if hold:
-                            await anyio.sleep(hold)
-            finally:
-                holder.inside -= 1
+            await holder.hand_off(new_lock, hold)
 
         try:
             yield op
