@@ -1,23 +1,73 @@
-"""The command path every primitive uses for short, non-blocking commands.
+"""The one door to redis-py: every command the library sends goes through here.
 
-With auto-pipelining on (the default), commands issued by many coroutines in one
-event-loop iteration travel to the server as one batch; otherwise each command takes
-a pooled connection of its own. Blocking commands (BLPOP, XREADGROUP BLOCK, SUBSCRIBE)
-never come through here.
+What crosses this boundary is decided here, once:
+
+* **Errors.** Whatever redis-py, the socket or the parser raises comes out as a
+  :class:`~aioredispatterns.errors.RedisPatternsError` (``_translate``); cancellation
+  passes untouched.
+* **Retries.** A command that may have reached the server is never re-sent unless the
+  caller said it is idempotent (:func:`execute_many`). Establishing a connection is
+  retried (nothing was sent), with the client's ``retries`` and the one backoff.
+* **Deadlines.** A reply is awaited at most ``socket_timeout`` after the command was
+  queued (the auto-pipeline enforces it per command); a blocking command gets its block
+  time on top; a dedicated connection's reads take a deadline each.
+
+It offers what the primitives need and nothing else:
+
+* :func:`execute` — one short command (auto-pipelined unless the client opted out);
+* :func:`execute_many` — a batch, with an explicit retry rule;
+* :func:`execute_script` — EVALSHA with the NOSCRIPT fallback to EVAL;
+* :func:`execute_blocking` — BLPOP, BLMOVE, XREADGROUP BLOCK ... on a connection of its own;
+* :func:`dedicated` — a connection of one's own as an async context manager
+  (subscriptions), released shielded and bounded.
+
+Capability detection (``_capabilities``) is built on :func:`execute`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 import anyio
-from redis.typing import EncodableT
+from redis import exceptions as rex
+from redis.asyncio.cluster import RedisCluster
 
-from ._client import AnyRedis, is_cluster, state_of
-from ._pipeline import AutoPipeline, PipelineStats
-from ._translate import map_redis_errors, reraise
-from .errors import CommandTimeout
+from ._backoff import Backoff
+from ._connection import AnyRedis, is_cluster, state_of
+from ._pipeline import AutoPipeline, PipelineStats, apply_callback
+from ._translate import NoScriptReply, reraise
+from .errors import (
+    CommandError,
+    CommandTimeout,
+    ConnectionFailed,
+    RedisPatternsError,
+    ScriptError,
+)
+
+if TYPE_CHECKING:
+    from redis.asyncio.connection import AbstractConnection
+
+    from ._keys import KeyT
+
+__all__ = (
+    "Arg",
+    "Dedicated",
+    "dedicated",
+    "execute",
+    "execute_blocking",
+    "execute_many",
+    "execute_script",
+    "pipeline_stats",
+)
+
+#: One argument of a command, as redis-py's encoder takes it.
+Arg = bytes | bytearray | memoryview | str | int | float
+
+# How long the shielded release of a dedicated connection may take.
+_RELEASE_TIMEOUT = 2.0
 
 
 def pipeline_stats(client: AnyRedis) -> PipelineStats | None:
@@ -40,33 +90,123 @@ def _pipeline_of(client: AnyRedis) -> AutoPipeline | None:
     return pipeline
 
 
-async def execute_raw(client: AnyRedis, *args: EncodableT, **options: Any) -> Any:
-    """Run one command and return the parsed reply; redis-py errors pass untranslated."""
-    pipeline = _pipeline_of(client)
-    if pipeline is not None:
-        return await pipeline.execute(*args, **options)
-    return await client.execute_command(*args, **options)
+async def execute(client: AnyRedis, *args: Arg, **options: Any) -> Any:
+    """Run one command and return the parsed reply (redis-py's response callbacks).
 
-
-async def execute(client: AnyRedis, *args: EncodableT, **options: Any) -> Any:
-    """Run one command and return the parsed reply, with errors translated.
+    Raises:
+        ConnectionFailed: the connection broke; the command may or may not have run
+            (it is not re-sent).
+        CommandTimeout: no reply within the client's ``socket_timeout``.
+        CommandError: the server answered with an error.
+        ConfigurationError: an argument cannot be encoded (nothing was sent).
 
     Cancellation: a cancelled caller's reply is discarded; the connection stays usable.
     """
-    # The hot path of every primitive: a plain try/except is cheaper than entering
-    # map_redis_errors() for every command.
+    # The hot path of every primitive: a plain try/except is cheaper than a context
+    # manager per command.
     try:
         pipeline = _pipeline_of(client)
         if pipeline is not None:
             return await pipeline.execute(*args, **options)
-        return await client.execute_command(*args, **options)
+        return await _execute_direct(client, args, options)
     except Exception as exc:
         reraise(exc)
 
 
-async def execute_blocking(
-    client: AnyRedis, *args: EncodableT, block: float, **options: Any
+async def _execute_direct(client: AnyRedis, args: Sequence[Arg], options: dict[str, Any]) -> Any:
+    if is_cluster(client):
+        # The cluster client routes by slot and follows redirections itself.
+        return await client.execute_command(*args, **options)
+    async with dedicated(client) as connection:
+        return await connection.command(*args, **options)
+
+
+async def execute_many(
+    client: AnyRedis, commands: Sequence[Sequence[Arg]], *, idempotent: bool
+) -> list[Any]:
+    """Run ``commands`` as one pipelined batch and return their replies in order.
+
+    Not a transaction: each command runs on its own. Every reply is read before an error
+    reply is raised (the first one), so the batch is never left half-read.
+
+    Args:
+        idempotent: whether running a command twice is harmless (GETs, SETs of the same
+            value). A batch whose connection broke is re-sent (``retries`` times, with
+            backoff) only when this is true; otherwise :class:`ConnectionFailed` is raised
+            and any prefix of the batch may have run.
+
+    Cancellation: any prefix of the batch may have run; its replies are discarded.
+    """
+    if not commands:
+        return []
+    state = state_of(client)
+    backoff = Backoff(base=state.backoff_base, cap=state.backoff_cap)
+    attempt = 0
+    while True:
+        try:
+            return await _execute_many_once(client, commands)
+        except ConnectionFailed:
+            if not idempotent or attempt >= state.retries:
+                raise
+            attempt += 1
+            await backoff.sleep()
+
+
+async def _execute_many_once(client: AnyRedis, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    try:
+        pipeline = _pipeline_of(client)
+        if pipeline is not None:
+            return await pipeline.execute_many(commands)
+        if is_cluster(client):
+            return await _cluster_batch(client, commands)  # type: ignore[arg-type]
+        async with dedicated(client) as connection:
+            return await connection.batch(commands)
+    except Exception as exc:
+        reraise(exc)
+
+
+async def _cluster_batch(client: RedisCluster, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for command in commands:
+        pipe.execute_command(*command)
+    return await pipe.execute()
+
+
+async def execute_script(
+    client: AnyRedis, sha: str, source: bytes, keys: Sequence[KeyT], args: Sequence[Arg]
 ) -> Any:
+    """Run a Lua script by EVALSHA, re-sent as EVAL (which caches it) after NOSCRIPT.
+
+    Raises:
+        ScriptError: the script raised an error on the server.
+        ConnectionFailed, CommandTimeout: as :func:`execute`.
+
+    Cancellation: a cancelled caller's reply is discarded; what the script did on the
+    server (it runs atomically) stays done.
+    """
+    try:
+        pipeline = _pipeline_of(client)
+        run: Callable[..., Awaitable[Any]]
+        if pipeline is not None:
+            run = pipeline.execute
+        else:
+
+            async def run(*command: Arg) -> Any:
+                return await _execute_direct(client, command, {})
+
+        try:
+            return await run("EVALSHA", sha, len(keys), *keys, *args)
+        except (rex.NoScriptError, NoScriptReply):
+            return await run("EVAL", source, len(keys), *keys, *args)
+    except ScriptError:
+        raise
+    except (rex.ResponseError, CommandError) as exc:
+        raise ScriptError(str(exc)) from exc
+    except Exception as exc:
+        reraise(exc)
+
+
+async def execute_blocking(client: AnyRedis, *args: Arg, block: float, **options: Any) -> Any:
     """Run a blocking command (BLPOP, BLMOVE, XREADGROUP BLOCK ...) on a connection of its own.
 
     ``block`` is how many seconds the server may hold the command; the reply is awaited
@@ -76,28 +216,201 @@ async def execute_blocking(
     caller) and returned to the pool, shielded; a command the server completes after
     that is lost to this caller, so use BLMOVE into a processing list where that matters.
     """
-    with map_redis_errors():
-        if is_cluster(client):
-            # The cluster client routes by key and owns its node connections; keep
-            # ``block`` below its socket timeout there.
-            return await client.execute_command(*args, **options)
-        pool = client.connection_pool  # type: ignore[union-attr]
-        conn = await pool.get_connection()
-        healthy = False
+    if is_cluster(client):
+        # The cluster client routes by key and owns its node connections; keep ``block``
+        # below its socket timeout there.
         try:
-            await conn.send_command(*args)
-            limit = block + (conn.socket_timeout or 0.0) + 1.0
+            return await client.execute_command(*args, **options)
+        except Exception as exc:
+            reraise(exc)
+    async with dedicated(client) as connection:
+        limit = block + (connection.socket_timeout or 0.0) + 1.0
+        return await connection.command(*args, timeout=limit, **options)
+
+
+class Dedicated:
+    """A connection of one's own, checked out of the client's pool by :func:`dedicated`.
+
+    Every method translates errors. A read or write that fails or is cancelled marks the
+    connection broken: it is closed, not reused, when :func:`dedicated` releases it.
+    """
+
+    __slots__ = ("_broken", "_client", "_connection", "_pending", "socket_timeout")
+
+    def __init__(self, client: AnyRedis, connection: AbstractConnection) -> None:
+        self._client = client
+        self._connection = connection
+        self._pending = 0  # replies sent for and not yet read
+        self._broken = False
+        self.socket_timeout: float | None = connection.socket_timeout
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the connection is in step (no reply outstanding, nothing failed)."""
+        return not self._broken and self._pending == 0
+
+    async def send(self, *args: Arg) -> None:
+        """Write one command (its reply is read with :meth:`read`)."""
+        self._pending += 1
+        try:
+            await self._connection.send_command(*args, check_health=False)
+        except BaseException as exc:
+            self._broken = True
+            if isinstance(exc, Exception):
+                reraise(exc)
+            raise
+
+    async def read(self, *, timeout: float | None = None, push: bool = False) -> Any:  # noqa: ASYNC109
+        """Read one raw reply (no response callback).
+
+        Args:
+            timeout: seconds to wait (``None``: the socket timeout; ``math.inf``: forever,
+                without the cost of a deadline per read).
+            push: accept RESP3 push messages (subscriptions).
+
+        Raises:
+            CommandTimeout: nothing arrived in time (the connection is then broken).
+            CommandError: an error reply (the connection stays in step).
+            ConnectionFailed: the connection broke.
+        """
+        wait = self.socket_timeout if timeout is None else timeout
+        read = self._connection.read_response
+        try:
+            if wait is None or wait == math.inf:
+                reply = await read(timeout=math.inf, disconnect_on_error=False, push_request=push)
+            else:
+                with anyio.fail_after(wait):
+                    reply = await read(
+                        timeout=math.inf, disconnect_on_error=False, push_request=push
+                    )
+        except rex.ResponseError as exc:
+            self._pending = max(0, self._pending - 1)
+            reraise(exc)
+        except TimeoutError:
+            self._broken = True
+            raise CommandTimeout(f"no reply within {wait:.2f} s") from None
+        except BaseException as exc:
+            self._broken = True
+            if isinstance(exc, Exception):
+                reraise(exc)
+            raise
+        self._pending = max(0, self._pending - 1)
+        return reply
+
+    async def command(
+        self,
+        *args: Arg,
+        timeout: float | None = None,  # noqa: ASYNC109
+        **options: Any,
+    ) -> Any:
+        """Send one command and read its reply, parsed by redis-py's response callback."""
+        await self.send(*args)
+        reply = await self.read(timeout=timeout)
+        return apply_callback(self._client, args[0], reply, options)
+
+    async def batch(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Write ``commands`` in one go and read every reply; raise the first error reply."""
+        connection = self._connection
+        packed = connection.pack_commands([tuple(command) for command in commands])
+        self._pending += len(commands)
+        try:
+            await connection.send_packed_command(packed, check_health=False)
+        except BaseException as exc:
+            self._broken = True
+            if isinstance(exc, Exception):
+                reraise(exc)
+            raise
+        replies: list[Any] = []
+        first_error: RedisPatternsError | None = None
+        for command in commands:
             try:
-                with anyio.fail_after(limit):
-                    response = await conn.read_response(timeout=math.inf)
-            except TimeoutError:
-                raise CommandTimeout(f"no reply to {args[0]!r} within {limit:.1f} s") from None
-            healthy = True
-        finally:
-            with anyio.CancelScope(shield=True):
-                if not healthy:
-                    await conn.disconnect()
-                await pool.release(conn)
-        command_name = str(args[0]).upper()
-        callback = client.response_callbacks.get(command_name)
-        return callback(response, **options) if callback else response
+                reply = await self.read()
+            except RedisPatternsError as exc:
+                if self._broken:
+                    raise
+                first_error = first_error or exc
+                replies.append(exc)
+                continue
+            replies.append(apply_callback(self._client, command[0], reply, {}))
+        if first_error is not None:
+            raise first_error
+        return replies
+
+    async def reconnect(self) -> None:
+        """Close the socket and connect again (no retry: the caller's loop decides)."""
+        connection = self._connection
+        self._pending = 0
+        try:
+            await connection.disconnect(nowait=True)
+            await connection.connect_check_health(check_health=False, retry_socket_connect=False)
+        except BaseException as exc:
+            self._broken = True
+            if isinstance(exc, Exception):
+                reraise(exc)
+            raise
+        self._broken = False
+
+    async def disconnect(self) -> None:
+        """Close the socket now: a read in progress elsewhere fails with ConnectionFailed."""
+        self._broken = True
+        await self._connection.disconnect(nowait=True)
+
+
+@asynccontextmanager
+async def dedicated(
+    client: AnyRedis, *, key: KeyT | None = None, reusable: bool = True
+) -> AsyncIterator[Dedicated]:
+    """Check out a connection of one's own for the ``async with`` body.
+
+    Args:
+        key: on a cluster, the connection goes to the node that owns ``key``'s slot
+            (the default node when None); ignored on a standalone server.
+        reusable: False for a connection that cannot serve anyone else afterwards
+            (subscribed mode): it is always closed on release.
+
+    Raises:
+        PoolTimeout: no pooled connection became free within ``pool_timeout``.
+        ConnectionFailed: the server could not be reached.
+
+    Cancellation: the connection goes back to the pool under a shielded, bounded scope;
+    one that was not in step (a reply outstanding, a failed or cancelled I/O) is closed
+    first, so nobody ever reads another caller's reply.
+    """
+    try:
+        connection, release = await _checkout(client, key)
+    except Exception as exc:
+        reraise(exc)
+    handle = Dedicated(client, connection)
+    try:
+        yield handle
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_RELEASE_TIMEOUT):
+            try:
+                if not reusable or not handle.reusable:
+                    await connection.disconnect(nowait=True)
+            finally:
+                await release(connection)
+
+
+async def _checkout(
+    client: AnyRedis, key: KeyT | None
+) -> tuple[AbstractConnection, Callable[[AbstractConnection], Awaitable[None]]]:
+    if not isinstance(client, RedisCluster):
+        pool = client.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        return connection, pool.release
+    await client.initialize()
+    node = client.get_default_node() if key is None else client.get_node_from_key(key)  # type: ignore[arg-type]
+    if node is None:
+        raise rex.ConnectionError("no cluster node is known for this key")
+    connection = node.acquire_connection()
+    try:
+        await connection.connect()  # type: ignore[no-untyped-call]
+    except BaseException:
+        node.release(connection)
+        raise
+
+    async def release(used: AbstractConnection) -> None:
+        node.release(used)  # type: ignore[arg-type]
+
+    return connection, release

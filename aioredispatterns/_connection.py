@@ -1,18 +1,90 @@
-"""connect(): the one place that builds a client and its connection pool."""
+"""connect(): the one place that builds a client and its connection pool, and the state
+the library keeps per client.
+
+The state hangs off the client object itself (no module-level registry), so it lives
+and dies with the client, and two clients never share it.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import AbstractBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from ._client import set_state
+from ._backoff import full_jitter
 from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from ._capabilities import ServerInfo
+    from ._pipeline import AutoPipeline
+
+AnyRedis: TypeAlias = "Redis | RedisCluster"
+
+_ATTR = "_aioredispatterns_state"
+
+
+class ClientState:
+    """What the library caches for one client: server capabilities, the auto-pipeline."""
+
+    __slots__ = (
+        "auto_pipeline",
+        "backoff_base",
+        "backoff_cap",
+        "client",
+        "info",
+        "info_lock",
+        "pipeline",
+        "retries",
+    )
+
+    def __init__(self, client: AnyRedis, *, auto_pipeline: bool = True) -> None:
+        self.client = client
+        self.auto_pipeline = auto_pipeline
+        # The retry rule of the command layer (see _commands): connect() sets these.
+        self.retries = 3
+        self.backoff_base = 0.05
+        self.backoff_cap = 1.0
+        self.info: ServerInfo | None = None
+        self.info_lock: anyio.Lock | None = None
+        self.pipeline: AutoPipeline | None = None
+
+
+def check_client(client: object) -> AnyRedis:
+    """Return ``client`` if it is a redis.asyncio client, else raise ConfigurationError."""
+    if not isinstance(client, Redis | RedisCluster):
+        raise ConfigurationError(
+            "expected a redis.asyncio.Redis or redis.asyncio.cluster.RedisCluster "
+            f"(see aioredispatterns.connect()), got {type(client).__name__}"
+        )
+    return client
+
+
+def state_of(client: AnyRedis) -> ClientState:
+    """The state of ``client``, created on first use."""
+    state: ClientState | None = client.__dict__.get(_ATTR)
+    if state is None:
+        state = ClientState(check_client(client))
+        client.__dict__[_ATTR] = state
+    return state
+
+
+def set_state(client: AnyRedis, **options: Any) -> ClientState:
+    """Create or update the state of ``client`` with ``options`` (used by connect())."""
+    state = state_of(client)
+    for name, value in options.items():
+        setattr(state, name, value)
+    return state
+
+
+def is_cluster(client: AnyRedis) -> bool:
+    return isinstance(client, RedisCluster)
+
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 _SCHEMES = {"redis", "rediss", "unix"}
@@ -116,9 +188,13 @@ def connect(
             wait: it raises at once when all its connections are busy).
         socket_timeout: how long to wait for a reply (``None``: forever).
         connect_timeout: how long to wait for a TCP/TLS connect.
-        retries: how many times a command is retried after a connection error, with
-            exponential backoff and full jitter between ``backoff_base`` and ``backoff_cap``
-            seconds. A retried command may have run once already (at-least-once).
+        retries: how many times establishing a connection is retried, with exponential
+            backoff and full jitter between ``backoff_base`` and ``backoff_cap`` seconds
+            (nothing was sent, so this is always safe). The library never re-sends one of
+            its own commands that may have reached the server, unless it is idempotent
+            (a batch of reads, say). Commands you send yourself through the returned
+            redis-py client follow redis-py's rule: they are retried this many times after
+            a connection error, so such a command may run twice (at least once).
         health_check_interval: idle seconds after which a connection is PINGed before use.
         protocol: 2 (RESP2, default) or 3 (RESP3).
         username, password: ACL credentials (they may also be in the URL).
@@ -153,8 +229,11 @@ def connect(
 
     # Only connection errors are retried: a timed-out command may still be running on
     # the server, and re-sending a non-idempotent one (INCR, XADD) would apply it twice.
+    # The library's own commands never reach redis-py's command retry (the command layer
+    # decides, see _commands); this policy retries their connection set-up (nothing was
+    # sent yet) and the commands you send yourself through the returned client.
     retry = Retry(
-        ExponentialWithJitterBackoff(base=backoff_base, cap=backoff_cap),
+        _JitterBackoff(backoff_base, backoff_cap),
         retries,
         supported_errors=(RedisConnectionError,),
     )
@@ -179,5 +258,25 @@ def connect(
         )
         # from_pool: closing the client closes the pool it owns.
         client = Redis.from_pool(pool)
-    set_state(client, auto_pipeline=auto_pipeline)
+    set_state(
+        client,
+        auto_pipeline=auto_pipeline,
+        retries=retries,
+        backoff_base=backoff_base,
+        backoff_cap=backoff_cap,
+    )
     return client
+
+
+class _JitterBackoff(AbstractBackoff):
+    """redis-py's backoff interface over the library's one backoff (``_backoff``)."""
+
+    def __init__(self, base: float, cap: float) -> None:
+        self._base = base
+        self._cap = cap
+
+    def reset(self) -> None:
+        return None
+
+    def compute(self, failures: int) -> float:
+        return full_jitter(failures - 1, base=self._base, cap=self._cap)

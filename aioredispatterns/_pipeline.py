@@ -59,7 +59,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +71,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.connection import PythonRespSerializer
 from redis.typing import EncodableT
 
-from ._client import AnyRedis
+from ._connection import AnyRedis
 from .errors import ConfigurationError
 
 try:
@@ -89,8 +89,10 @@ BLOCKING_COMMANDS = frozenset(
     }
 )  # fmt: skip
 
-# Handed to a waiting caller's future: "you are the reader now".
+# Handed to a waiting caller's future: "you are the reader now" / "the writer now".
 _DRIVE: Any = object()
+_WRITE: Any = object()
+_RELEASE_TIMEOUT = 2.0
 
 DEFAULT_MAX_BATCH = 1024
 DEFAULT_FLUSH_AT = 16
@@ -125,7 +127,17 @@ class PipelineStats:
 
 
 class _Call:
-    __slots__ = ("args", "callback", "command", "future", "name", "options", "size")
+    __slots__ = (
+        "args",
+        "callback",
+        "command",
+        "deadline",
+        "failure",
+        "future",
+        "name",
+        "options",
+        "size",
+    )
 
     def __init__(
         self, command: list[bytes], name: str, options: dict[str, Any], future: Any
@@ -137,6 +149,9 @@ class _Call:
         self.options = options
         self.future: asyncio.Future[Any] = future
         self.size = sum(len(part) for part in command)
+        self.deadline = math.inf  # loop time by which the reply must have arrived
+        # Set when the call failed while its future held a role (see _fail_calls).
+        self.failure: Exception | None = None
 
 
 class AutoPipeline:
@@ -156,13 +171,20 @@ class AutoPipeline:
         self._max_bytes = max_batch_bytes
         self._flush_at = flush_at
         self._pack = _packer(client)
+        self._timeout: float | None = (
+            None
+            if self._cluster
+            else client.connection_pool.connection_kwargs.get("socket_timeout")  # type: ignore[union-attr]
+        )
         self._commands_seen: dict[EncodableT, tuple[str, Callable[..., Any] | None]] = {}
         self._queue: list[_Call] = []  # packed, not yet written
-        self._writing = False
+        self._writing = False  # somebody holds the writer role
         self._gathering = False  # the writer is yielding so that the iteration can queue
         self._in_flight: collections.deque[_Call] = collections.deque()  # sent, unread
-        self._reading = False
+        self._reader: _Call | None = None  # the caller holding the reader role
         self._connection: AbstractConnection | None = None
+        self._dead: list[AbstractConnection] = []  # failed, to be returned to the pool
+        self._timer: asyncio.TimerHandle | None = None
         self._batches = 0
         self._commands = 0
         self._max_in_flight = 0
@@ -182,7 +204,7 @@ class AutoPipeline:
             connection_errors=self._connection_errors,
         )
 
-    # ------------------------------------------------------------------ entry point
+    # ------------------------------------------------------------------ entry points
 
     def _describe(self, first: EncodableT) -> tuple[str, Callable[..., Any] | None]:
         """Name and response callback of a command (cached per spelling)."""
@@ -199,19 +221,26 @@ class AutoPipeline:
             self._commands_seen[first] = found
         return found
 
+    def _call(self, args: Sequence[EncodableT], options: dict[str, Any]) -> _Call:
+        name, callback = self._describe(args[0])
+        # Packed here, in the caller: an unencodable argument fails this caller alone,
+        # before anything is queued.
+        call = _Call(
+            self._pack(tuple(args)), name, options, asyncio.get_running_loop().create_future()
+        )
+        call.callback = callback
+        return call
+
     async def execute(self, *args: EncodableT, **options: Any) -> Any:
         """Queue one command for the next batch and return its parsed reply.
 
         Raises:
             ConfigurationError: a blocking command (it would stall the whole batch).
         """
-        name, callback = self._describe(args[0])
         if self._cluster:
+            self._describe(args[0])
             return await self._execute_cluster(args, options)
-        # Packed here, in the caller: an unencodable argument fails this caller alone,
-        # before anything is queued.
-        call = _Call(self._pack(args), name, options, asyncio.get_running_loop().create_future())
-        call.callback = callback
+        call = self._call(args, options)
         self._queue.append(call)
         if not self._writing:
             self._writing = True
@@ -224,40 +253,79 @@ class AutoPipeline:
             self._flush_early()
         return await self._wait(call)
 
+    async def execute_many(self, commands: Sequence[Sequence[EncodableT]]) -> list[Any]:
+        """Queue ``commands`` together and return their replies in order.
+
+        Every reply is awaited; the first error reply is raised after that. A connection
+        failure is raised at once (the rest of the batch failed with it).
+        """
+        calls = [self._call(args, {}) for args in commands]
+        self._queue.extend(calls)
+        results: list[Any] = []
+        first_error: rex.ResponseError | None = None
+        try:
+            if not self._writing:
+                self._writing = True
+                await self._lead()
+            elif self._gathering and len(self._queue) >= self._flush_at:
+                self._flush_early()
+            for call in calls:
+                try:
+                    results.append(await self._wait(call))
+                except rex.ResponseError as exc:
+                    first_error = first_error or exc
+                    results.append(exc)
+        except BaseException:
+            for call in calls:
+                self._abandon(call)
+            raise
+        if first_error is not None:
+            raise first_error
+        return results
+
     # ------------------------------------------------------------------ writer
 
     async def _lead(self) -> None:
-        """Write everything queued in this iteration (and whatever queues meanwhile)."""
-        cancelled: BaseException | None = None
-        with anyio.CancelScope(shield=True):
+        """Write what is queued, and what queues while writing.
+
+        Nothing here is shielded: a writer cancelled while it connects, yields or waits
+        for the socket hands the role to the oldest caller still queued (bytes already
+        handed to the transport go out regardless).
+        """
+        try:
             # On an idle connection (nothing in flight: little concurrency) waiting for
             # company only adds latency; on a busy one the iteration's commands gather.
             if self._in_flight:
                 self._gathering = True
                 try:
                     await asyncio.sleep(0)  # let the rest of this iteration queue up
-                except asyncio.CancelledError as exc:
-                    cancelled = exc
                 finally:
                     self._gathering = False
             try:
-                while self._queue:
-                    batch = self._take_batch()
-                    if not batch:
-                        continue
-                    try:
-                        await self._send(batch)
-                    except asyncio.CancelledError as exc:
-                        cancelled = exc  # native cancel: the batch's callers were failed
-                    except Exception as exc:
-                        # The batch's callers get the error; what queued behind it goes
-                        # out on a fresh connection rather than wait for another caller.
-                        _fail_calls(batch, exc)
-            finally:
-                self._writing = False
-        if cancelled is not None:
-            # Our own command may have gone out: its reply will be read and dropped.
-            raise cancelled
+                connection = await self._writable_connection()
+            except Exception as exc:
+                # Nothing queued was sent: every queued caller gets the error (a new
+                # caller becomes the next writer and tries again).
+                queued, self._queue = self._queue, []
+                _fail_calls(queued, exc)
+                return
+            while self._queue and connection is self._connection:
+                batch = self._take_batch()
+                if batch:
+                    await self._write(connection, batch)
+        finally:
+            self._writing = False
+            if self._queue:
+                self._hand_off_writing()
+
+    def _hand_off_writing(self) -> None:
+        """Make the oldest caller still queued the writer (if there is one)."""
+        for call in self._queue:
+            if not call.future.done():
+                self._writing = True
+                call.future.set_result(_WRITE)
+                return
+        self._queue.clear()  # only callers that left: nothing to write
 
     def _flush_early(self) -> None:
         """Write the queue now, mid-iteration, if the connection is known to be open.
@@ -270,19 +338,32 @@ class AutoPipeline:
         if writer is None:
             return  # not known to be open: the writer's path checks and reconnects
         batch = self._take_batch()
-        if not batch:
-            return
+        if batch:
+            self._put_on_wire(writer, batch)
+
+    def _put_on_wire(self, writer: asyncio.StreamWriter, batch: list[_Call]) -> None:
+        """Hand ``batch`` to the transport (synchronous) and record it as in flight."""
+        self._stamp(batch)
         self._in_flight.extend(batch)
         writer.writelines([part for call in batch for part in call.command])
         self._count(batch)
 
+    def _stamp(self, batch: list[_Call]) -> None:
+        # Every command's reply is due socket_timeout after it was written.
+        if self._timeout:
+            deadline = asyncio.get_running_loop().time() + self._timeout
+            for call in batch:
+                call.deadline = deadline
+
     def _count(self, batch: list[_Call]) -> None:
-        """Record one write of ``batch`` and make sure somebody reads its replies."""
+        """Record one write of ``batch``; make sure somebody reads and the deadline ticks."""
         self._batches += 1
         self._commands += len(batch)
         self._max_in_flight = max(self._max_in_flight, len(self._in_flight))
-        if not self._reading:
+        if self._reader is None:
             self._hand_off_reading()
+        if self._timer is None:
+            self._arm()
 
     def _take_batch(self) -> list[_Call]:
         batch: list[_Call] = []
@@ -296,56 +377,75 @@ class AutoPipeline:
         # A caller cancelled before its command was sent: it never reaches the server.
         return [call for call in batch if not call.future.done()]
 
-    async def _send(self, batch: list[_Call]) -> None:
-        idle = not self._in_flight
-        try:
-            connection = await self._ensure_connection(idle)
-        except Exception as exc:
-            _fail_calls(batch, exc)
-            return
-        chunks = [part for call in batch for part in call.command]
-        self._in_flight.extend(batch)
-        try:
-            if idle:
-                # A health check (PING) is only safe with no replies outstanding.
-                await connection.check_health()  # type: ignore[no-untyped-call]
-            writer = _open_stream_writer(connection)
-            if writer is None:
+    async def _write(self, connection: AbstractConnection, batch: list[_Call]) -> None:
+        writer = _open_stream_writer(connection)
+        if writer is None:
+            self._stamp(batch)
+            self._in_flight.extend(batch)
+            chunks = [part for call in batch for part in call.command]
+            try:
                 await connection.send_packed_command(chunks, check_health=False)
-            else:
-                writer.writelines(chunks)
-                await _drain(writer, connection)
-        except BaseException as exc:
-            await self._fail_connection(connection, exc)
-            raise
-        self._count(batch)
+            except BaseException as exc:
+                # A write cut short leaves the stream in an unknown state.
+                self._fail_connection(connection, exc)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            self._count(batch)
+            return
+        self._put_on_wire(writer, batch)
+        try:
+            await _drain(writer, connection)
+        except Exception as exc:
+            self._fail_connection(connection, exc)
 
-    async def _ensure_connection(self, idle: bool) -> AbstractConnection:
+    async def _writable_connection(self) -> AbstractConnection:
+        if self._dead:
+            await self._release_dead()
         client: Redis = self._client  # type: ignore[assignment]
         pool = client.connection_pool
         connection = self._connection
         if connection is None:
+            # redis-py retries the connect itself (the client's ``retries``): nothing
+            # has been sent, so that is always safe.
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             self._connection = connection
-        elif idle:
-            # With no reply outstanding, a connection the server closed (restart,
-            # idle timeout) shows as EOF: reconnect before writing, so nothing is lost.
-            await pool.ensure_connection(connection)
+            return connection  # type: ignore[no-any-return]
+        if not self._in_flight:
+            # With no reply outstanding, a connection the server closed (restart, idle
+            # timeout) shows as EOF: reconnect before writing, so nothing is lost. A
+            # health check (PING) is only safe with no replies outstanding, too.
+            try:
+                await pool.ensure_connection(connection)
+                await connection.check_health()  # type: ignore[no-untyped-call]
+            except BaseException as exc:
+                # Cut short (cancelled, failed): the connection's state is unknown.
+                self._fail_connection(connection, exc)
+                raise
         return connection
 
-    # ------------------------------------------------------------------ reader
+    # ------------------------------------------------------------------ waiting, reading
 
     async def _wait(self, call: _Call) -> Any:
-        while True:
-            try:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if call.failure is not None:
+                    raise call.failure  # noqa: TRY301 (handled by the except below)
                 result = await call.future
-            except BaseException:
-                self._abandon(call)
-                raise
-            if result is not _DRIVE:
-                return result
-            call.future = asyncio.get_running_loop().create_future()
-            await self._read(call)
+                if result is _DRIVE:
+                    call.future = loop.create_future()
+                    await self._read(call)
+                elif result is _WRITE:
+                    call.future = loop.create_future()
+                    await self._lead()
+                else:
+                    return result
+        except BaseException as exc:
+            self._abandon(call)
+            if self._dead and isinstance(exc, Exception):
+                await self._release_dead()
+            raise
 
     def _abandon(self, call: _Call) -> None:
         """The caller of ``call`` is leaving: drop its reply, pass on a role it was given."""
@@ -353,33 +453,39 @@ class AutoPipeline:
         if not future.done():
             future.cancel()  # its reply, if one comes, is read and dropped
             return
-        handed_the_role = (
-            not future.cancelled() and future.exception() is None and future.result() is _DRIVE
-        )
-        if handed_the_role:
+        if future.cancelled() or future.exception() is not None:
+            return
+        role = future.result()
+        if role is _DRIVE and self._reader is call:
             # Made the reader just as it left: someone else must read.
-            self._reading = False
+            self._reader = None
             self._hand_off_reading()
+        elif role is _WRITE:
+            self._writing = False
+            self._hand_off_writing()
 
     def _hand_off_reading(self) -> None:
         """Make the oldest caller still waiting the reader (if there is one)."""
         for call in self._in_flight:
             if not call.future.done():
-                self._reading = True
+                self._reader = call
                 call.future.set_result(_DRIVE)
                 return
         # Only abandoned replies are left: the next batch's reader drains them.
 
     async def _read(self, own: _Call) -> None:
-        """Read replies in order, up to the last one in flight when we started."""
-        cancelled: BaseException | None = None
+        """Read replies in order, up to the last one in flight when we started.
+
+        Not shielded: a reader that is cancelled leaves at once and hands the role to
+        the oldest caller still waiting; redis-py's parsers keep a partly read reply, so
+        the next reader resumes where this one stopped.
+        """
         connection = self._connection
-        target = self._in_flight[-1] if self._in_flight else own
-        # One watchdog per turn instead of a timer per reply: it fires when no reply
-        # arrived for a whole socket_timeout, and then interrupts the read.
-        watchdog = _Watchdog(connection.socket_timeout if connection else None)
-        with anyio.CancelScope(shield=True):
-            while self._in_flight and connection is not None and connection is self._connection:
+        try:
+            if connection is None or not self._in_flight:
+                return
+            target = self._in_flight[-1]
+            while self._in_flight and connection is self._connection:
                 call = self._in_flight[0]
                 try:
                     response = await connection.read_response(
@@ -387,51 +493,83 @@ class AutoPipeline:
                         timeout=math.inf,
                         disconnect_on_error=False,
                     )
-                except asyncio.CancelledError as exc:
-                    if watchdog.fired():
-                        await self._fail_connection(
-                            connection, rex.TimeoutError("Timeout reading from socket")
-                        )
-                        break
-                    cancelled = exc  # native cancel: the read resumes where it stopped
-                    continue
                 except rex.ResponseError as exc:
                     self._in_flight.popleft()
                     _settle(call, exc=exc)
                 except Exception as exc:
-                    await self._fail_connection(connection, exc)
+                    self._fail_connection(connection, exc)
                     break
-                except BaseException as exc:  # KeyboardInterrupt and the like
-                    await self._fail_connection(connection, exc)
-                    raise
                 else:
                     self._in_flight.popleft()
                     _settle(call, response=response)
-                watchdog.progress += 1
                 if call is target:
                     break
-            watchdog.stop()
-            self._reading = False
-            if self._in_flight:
-                self._hand_off_reading()
-        if cancelled is not None:
-            raise cancelled
+        finally:
+            if self._reader is own:
+                self._reader = None
+                if self._in_flight:
+                    self._hand_off_reading()
+        if self._dead:
+            await self._release_dead()
 
-    async def _fail_connection(self, connection: AbstractConnection, exc: BaseException) -> None:
-        """Fail every caller in flight on ``connection``, then drop it."""
+    # ------------------------------------------------------------------ deadlines, failures
+
+    def _arm(self) -> None:
+        if self._timeout is None or not self._in_flight:
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(self._in_flight[0].deadline, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        """The oldest reply in flight is due: fail the connection if it has not come.
+
+        One timer for the whole pipeline (not one per command): it is armed for the
+        oldest command in flight and, when replies kept coming, re-armed for the new
+        oldest one. So every caller hears within ``socket_timeout`` of its write.
+        """
+        self._timer = None
+        if not self._in_flight or self._connection is None:
+            return
+        if self._in_flight[0].deadline > asyncio.get_running_loop().time():
+            self._arm()
+            return
+        self._fail_connection(
+            self._connection,
+            rex.TimeoutError(f"no reply within socket_timeout={self._timeout} s"),
+        )
+
+    def _fail_connection(self, connection: AbstractConnection, exc: BaseException) -> None:
+        """Fail every caller in flight on ``connection`` and close it (synchronously).
+
+        The socket is aborted at once, so a reader blocked on it wakes with an error; the
+        connection goes back to the pool (``_release_dead``) from the next task that runs
+        here, since returning it is a coroutine.
+        """
         if connection is not self._connection:
             return
         self._connection = None
         self._connection_errors += 1
+        self._reader = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         failed, self._in_flight = self._in_flight, collections.deque()
-        self._reading = False
         _fail_calls(failed, exc if isinstance(exc, Exception) else rex.ConnectionError(repr(exc)))
+        writer = getattr(connection, "_writer", None)
+        if isinstance(writer, asyncio.StreamWriter):
+            writer.transport.abort()
+        self._dead.append(connection)
+
+    async def _release_dead(self) -> None:
+        """Return failed connections to the pool (shielded, bounded)."""
+        dead, self._dead = self._dead, []
         client: Redis = self._client  # type: ignore[assignment]
-        with anyio.CancelScope(shield=True):
-            try:
-                await connection.disconnect(nowait=True)
-            finally:
-                await client.connection_pool.release(connection)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_RELEASE_TIMEOUT):
+            for connection in dead:
+                try:
+                    await connection.disconnect(nowait=True)
+                finally:
+                    await client.connection_pool.release(connection)
 
     # ------------------------------------------------------------------ cluster
 
@@ -509,47 +647,6 @@ def _packer(client: AnyRedis) -> Callable[[tuple[EncodableT, ...]], list[bytes]]
     return pack_hiredis
 
 
-class _Watchdog:
-    """Interrupts the current task when ``progress`` stops moving for ``timeout`` s."""
-
-    __slots__ = ("_fired", "_handle", "_loop", "_seen", "_task", "_timeout", "progress")
-
-    def __init__(self, timeout: float | None) -> None:
-        self.progress = 0
-        self._seen = 0
-        self._fired = False
-        self._timeout = timeout
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
-        self._handle: asyncio.TimerHandle | None = None
-        if timeout:
-            self._handle = self._loop.call_later(timeout, self._check)
-
-    def _check(self) -> None:
-        if self.progress != self._seen:
-            self._seen = self.progress
-            self._handle = self._loop.call_later(self._timeout or 0, self._check)
-            return
-        self._fired = True
-        self._handle = None
-        if self._task is not None:
-            self._task.cancel()
-
-    def fired(self) -> bool:
-        """True once if the watchdog interrupted the task (and undoes that cancel)."""
-        if not self._fired:
-            return False
-        self._fired = False
-        if self._task is not None:
-            self._task.uncancel()
-        return True
-
-    def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-
 def _open_stream_writer(connection: AbstractConnection | None) -> asyncio.StreamWriter | None:
     """The asyncio writer of ``connection`` if its stream is known to be open, else None.
 
@@ -586,8 +683,12 @@ async def _drain(writer: asyncio.StreamWriter, connection: AbstractConnection) -
 
 def _fail_calls(calls: Iterable[_Call], exc: Exception) -> None:
     for call in calls:
-        if not call.future.done():
-            call.future.set_exception(exc)
+        future = call.future
+        if not future.done():
+            future.set_exception(exc)
+        elif not future.cancelled() and future.exception() is None:
+            # Handed a role it has not taken up yet: it raises this once it wakes.
+            call.failure = exc
 
 
 def _settle(call: _Call, *, response: Any = None, exc: BaseException | None = None) -> None:
@@ -599,18 +700,26 @@ def _settle(call: _Call, *, response: Any = None, exc: BaseException | None = No
         return
     callback = call.callback
     if callback is not None:
-        options = call.options
-        if options and (
-            _EMPTY_RESPONSE in options or _NEVER_DECODE in options or "keys" in options
-        ):
-            options = {
-                k: v
-                for k, v in options.items()
-                if k not in (_EMPTY_RESPONSE, _NEVER_DECODE, "keys")
-            }
         try:
-            response = callback(response, **options)
+            response = _run_callback(callback, response, call.options)
         except Exception as error:
             future.set_exception(error)
             return
     future.set_result(response)
+
+
+def _run_callback(callback: Callable[..., Any], response: Any, options: dict[str, Any]) -> Any:
+    if options and (_EMPTY_RESPONSE in options or _NEVER_DECODE in options or "keys" in options):
+        options = {
+            k: v for k, v in options.items() if k not in (_EMPTY_RESPONSE, _NEVER_DECODE, "keys")
+        }
+    return callback(response, **options)
+
+
+def apply_callback(
+    client: AnyRedis, first: EncodableT, response: Any, options: dict[str, Any]
+) -> Any:
+    """``response`` parsed by redis-py's response callback for the command ``first``."""
+    name = first if isinstance(first, str) else bytes(first).decode()  # type: ignore[arg-type]
+    callback = client.response_callbacks.get(name.upper())
+    return response if callback is None else _run_callback(callback, response, options)

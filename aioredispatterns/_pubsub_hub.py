@@ -24,7 +24,7 @@ from typing import Any, Literal
 import anyio
 from redis import exceptions as rex
 
-from ._client import AnyRedis, is_cluster
+from ._connection import AnyRedis, is_cluster
 from ._translate import translate
 from .errors import ConfigurationError, ConnectionFailed, RedisPatternsError
 

@@ -15,15 +15,11 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
-from redis import exceptions as rex
-from redis.typing import EncodableT
-
 from ._capabilities import server_info
-from ._client import AnyRedis
-from ._commands import execute_raw
+from ._commands import Arg, execute, execute_script
+from ._connection import AnyRedis
 from ._keys import KeyT
-from ._translate import map_redis_errors, reraise
-from .errors import ConfigurationError, ScriptError
+from .errors import ConfigurationError
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +39,7 @@ class Script:
         source = resource.read_bytes()
         return cls(name=name, source=source, sha=hashlib.sha1(source).hexdigest())
 
-    async def run(
-        self, client: AnyRedis, keys: Sequence[KeyT], args: Sequence[EncodableT] = ()
-    ) -> Any:
+    async def run(self, client: AnyRedis, keys: Sequence[KeyT], args: Sequence[Arg] = ()) -> Any:
         """Run the script on the server that owns ``keys`` and return its raw reply.
 
         Raises:
@@ -55,28 +49,18 @@ class Script:
         Cancellation: a cancelled caller's reply is discarded; what the script did on
         the server (it runs atomically) stays done.
         """
-        # Plain try/except rather than map_redis_errors(): this is every primitive's hot path.
-        try:
-            try:
-                return await execute_raw(client, "EVALSHA", self.sha, len(keys), *keys, *args)
-            except rex.NoScriptError:
-                return await execute_raw(client, "EVAL", self.source, len(keys), *keys, *args)
-        except rex.ResponseError as exc:
-            raise ScriptError(str(exc)) from exc
-        except Exception as exc:
-            reraise(exc)
+        return await execute_script(client, self.sha, self.source, keys, args)
 
 
 _COMPARE_AND_DELETE = Script.load("compare_and_delete")
 
 
-async def delete_if_equal(client: AnyRedis, key: KeyT, value: EncodableT) -> bool:
+async def delete_if_equal(client: AnyRedis, key: KeyT, value: Arg) -> bool:
     """Delete ``key`` only if it holds ``value``; True if it was deleted.
 
     Uses ``DELIFEQ`` where the server has it (Valkey 9+), a Lua script elsewhere.
     """
     info = await server_info(client)
     if info.delifeq:
-        with map_redis_errors():
-            return bool(await execute_raw(client, "DELIFEQ", key, value))
+        return bool(await execute(client, "DELIFEQ", key, value))
     return bool(await _COMPARE_AND_DELETE.run(client, [key], [value]))

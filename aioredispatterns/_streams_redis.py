@@ -7,8 +7,8 @@ from typing import Any
 
 from redis.typing import EncodableT
 
-from ._client import AnyRedis
 from ._commands import execute
+from ._connection import AnyRedis
 from ._keys import KeyT
 from ._scripts import Script
 from .errors import CommandError

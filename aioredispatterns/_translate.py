@@ -1,4 +1,11 @@
-"""The one boundary where redis-py's errors become ours."""
+"""The one table where redis-py's (and the socket's) errors become ours.
+
+Every exception that leaves the command layer (``_commands``) passes through
+:func:`translate`: redis-py's error types map to the library's tree; an exception that
+is not redis-py's own but came out of its internals (an ``AttributeError`` on a
+connection closed mid-command, say) is a connection failure too, never a foreign error
+for the caller to guess at. Cancellation is never touched.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +18,14 @@ from redis import exceptions as rex
 from .errors import (
     CommandError,
     CommandTimeout,
+    ConfigurationError,
     ConnectionFailed,
     PoolTimeout,
     RedisPatternsError,
     ScriptError,
 )
+
+__all__ = ("NoScriptReply", "map_redis_errors", "reraise", "translate")
 
 # redis-py reports an exhausted BlockingConnectionPool as a plain ConnectionError
 # with this text (its cause is the asyncio.TimeoutError of the wait).
@@ -23,33 +33,48 @@ _POOL_EXHAUSTED = "No connection available"
 _TOO_MANY = "Too many connections"
 
 
+class NoScriptReply(CommandError):
+    """NOSCRIPT: the server does not have the script (the caller re-sends it as EVAL)."""
+
+
 def translate(exc: BaseException) -> RedisPatternsError | None:
-    """Return our error for a redis-py (or socket) error, or None to let it pass."""
-    if isinstance(exc, RedisPatternsError):
+    """Our error for ``exc``; None for one of ours already (or a non-Exception)."""
+    if isinstance(exc, RedisPatternsError) or not isinstance(exc, Exception):
         return None
     message = str(exc)
     if isinstance(exc, rex.ConnectionError | rex.MaxConnectionsError):
-        if _POOL_EXHAUSTED in message or _TOO_MANY in message:
+        if (
+            _POOL_EXHAUSTED in message
+            or _TOO_MANY in message
+            or isinstance(exc, rex.MaxConnectionsError)
+        ):
             return PoolTimeout(f"no pooled connection became free in time ({message})")
         return ConnectionFailed(message or type(exc).__name__)
-    if isinstance(exc, rex.TimeoutError):
+    if isinstance(exc, rex.TimeoutError | TimeoutError):
         return CommandTimeout(message or "the server did not answer in time")
+    if isinstance(exc, rex.NoScriptError):
+        return NoScriptReply(message)
     if isinstance(exc, rex.ResponseError):
-        # Script errors are told apart where scripts run (Script.run); here only the
+        # Script errors are told apart where scripts run (execute_script); here only the
         # reply's own words can say so.
         if message.startswith("Error running script") or "user_script:" in message:
             return ScriptError(message)
         return CommandError(message)
+    if isinstance(exc, rex.DataError):
+        # The encoder refused an argument: nothing was sent.
+        return ConfigurationError(f"a command argument cannot be sent: {message}")
     if isinstance(exc, rex.RedisError):
         return CommandError(message or type(exc).__name__)
     if isinstance(exc, ConnectionError | OSError):
         return ConnectionFailed(message or type(exc).__name__)
-    return None
+    # Anything else came out of redis-py's internals mid-command (a connection closed
+    # under it, a parser in a state it did not expect): whether the command ran is
+    # unknown, which is what ConnectionFailed says.
+    return ConnectionFailed(f"{type(exc).__name__} inside redis-py: {message}")
 
 
 def reraise(exc: Exception) -> NoReturn:
-    """Raise our error for ``exc`` (keeping it as the cause), or ``exc`` itself when it
-    is not a Redis or socket error."""
+    """Raise our error for ``exc`` (keeping it as the cause), or ``exc`` if it is ours."""
     ours = translate(exc)
     if ours is None:
         raise exc
@@ -58,9 +83,9 @@ def reraise(exc: Exception) -> NoReturn:
 
 @contextmanager
 def map_redis_errors() -> Iterator[None]:
-    """Re-raise redis-py errors as :mod:`aioredispatterns.errors` types.
+    """Re-raise every error of the block as one of :mod:`aioredispatterns.errors`.
 
-    Cancellation and anything that is not a Redis/socket error pass through untouched.
+    For code inside the command layer only. Cancellation passes through untouched.
     """
     try:
         yield

@@ -48,8 +48,8 @@ from anyio.abc import TaskGroup
 
 from ._cache_keys import call_key, function_name
 from ._capabilities import server_info
-from ._client import AnyRedis, check_client
 from ._commands import execute, execute_blocking
+from ._connection import AnyRedis, check_client
 from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, check_prefix, keyspace
 from ._scripts import Script
 from ._translate import map_redis_errors

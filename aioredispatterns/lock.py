@@ -60,8 +60,8 @@ import anyio
 from redis.typing import EncodableT
 
 from ._capabilities import server_info
-from ._client import AnyRedis, check_client, is_cluster
 from ._commands import execute, execute_blocking
+from ._connection import AnyRedis, check_client, is_cluster
 from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, keyspace
 from ._scripts import Script
 from .errors import (

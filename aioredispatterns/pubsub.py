@@ -41,8 +41,8 @@ import anyio
 from anyio import AsyncContextManagerMixin
 
 from ._capabilities import server_info
-from ._client import AnyRedis, check_client, is_cluster
 from ._commands import execute
+from ._connection import AnyRedis, check_client, is_cluster
 from ._pubsub_hub import (
     CLOSE_TIMEOUT,
     BufferPolicy,

@@ -32,8 +32,8 @@ from typing import ClassVar, NamedTuple, TypeAlias
 
 import anyio
 
-from ._client import AnyRedis, check_client
 from ._commands import execute
+from ._connection import AnyRedis, check_client
 from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, check_key, check_prefix, keyspace
 from ._scripts import Script
 from .errors import ConfigurationError, RedisPatternsError

@@ -34,7 +34,7 @@ from typing import Any
 
 import anyio
 
-from ._client import AnyRedis, check_client
+from ._connection import AnyRedis, check_client
 from ._keys import DEFAULT_PREFIX, keyspace
 from ._scripts import Script, delete_if_equal
 from .errors import ConfigurationError, ConnectionFailed, RedisPatternsError

@@ -8,8 +8,8 @@ stops renewing loses its slot when its lease runs out, without anyone cleaning u
 
 from __future__ import annotations
 
-from ._client import AnyRedis, check_client
 from ._commands import execute
+from ._connection import AnyRedis, check_client
 from ._keys import DEFAULT_PREFIX, keyspace
 from ._scripts import Script
 from .errors import ConfigurationError

@@ -45,8 +45,8 @@ from redis.typing import EncodableT
 
 from . import _streams_redis as _r
 from ._capabilities import server_info
-from ._client import AnyRedis, check_client
 from ._commands import execute, execute_blocking
+from ._connection import AnyRedis, check_client
 from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, keyspace
 from ._translate import map_redis_errors
 from .errors import (

@@ -26,8 +26,8 @@ from aioredispatterns import (
     connect,
     pipeline_stats,
 )
-from aioredispatterns._client import state_of
 from aioredispatterns._commands import execute, execute_blocking
+from aioredispatterns._connection import state_of
 from aioredispatterns._scripts import Script
 from aioredispatterns.testing import RedisServer, borrowed_connections
 
@@ -216,7 +216,7 @@ async def test_error_reply_fails_only_its_caller(redis_client: Redis, key_prefix
 async def test_bad_argument_fails_before_anything_is_queued(
     redis_client: Redis, key_prefix: str
 ) -> None:
-    with pytest.raises(CommandError):  # redis-py's DataError, translated
+    with pytest.raises(ConfigurationError):  # redis-py's DataError: bad input, nothing sent
         await execute(redis_client, "SET", f"{key_prefix}:k", True)  # type: ignore[arg-type]
     assert await redis_client.exists(f"{key_prefix}:k") == 0
 

@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from aioredispatterns import ScriptError, connect, server_info
-from aioredispatterns._client import state_of
+from aioredispatterns._connection import state_of
 from aioredispatterns._scripts import Script, delete_if_equal
 from aioredispatterns.testing import RedisServer
 
