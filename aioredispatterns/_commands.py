@@ -60,6 +60,7 @@ __all__ = (
     "execute_blocking",
     "execute_many",
     "execute_script",
+    "node_of",
     "pipeline_stats",
 )
 
@@ -154,11 +155,11 @@ async def execute_many(
 
 async def _execute_many_once(client: AnyRedis, commands: Sequence[Sequence[Arg]]) -> list[Any]:
     try:
+        if is_cluster(client):
+            return await _cluster_batch(client, commands)  # type: ignore[arg-type]
         pipeline = _pipeline_of(client)
         if pipeline is not None:
             return await pipeline.execute_many(commands)
-        if is_cluster(client):
-            return await _cluster_batch(client, commands)  # type: ignore[arg-type]
         async with dedicated(client) as connection:
             return await connection.batch(commands)
     except Exception as exc:
@@ -354,6 +355,22 @@ class Dedicated:
         """Close the socket now: a read in progress elsewhere fails with ConnectionFailed."""
         self._broken = True
         await self._connection.disconnect(nowait=True)
+
+
+async def node_of(client: AnyRedis, key: KeyT) -> str | None:
+    """The name (``host:port``) of the cluster node that owns ``key``; None standalone.
+
+    Raises:
+        ConnectionFailed: the cluster's slot map could not be loaded.
+    """
+    if not isinstance(client, RedisCluster):
+        return None
+    try:
+        await client.initialize()
+        node = client.get_node_from_key(key)  # type: ignore[arg-type]
+    except Exception as exc:
+        reraise(exc)
+    return None if node is None else str(node.name)
 
 
 @asynccontextmanager

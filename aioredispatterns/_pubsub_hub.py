@@ -14,7 +14,6 @@ cancels the body of the user's ``async with`` behind its back.
 from __future__ import annotations
 
 import math
-import random
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -22,11 +21,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
-from redis import exceptions as rex
 
-from ._connection import AnyRedis, is_cluster
-from ._translate import translate
-from .errors import ConfigurationError, ConnectionFailed, RedisPatternsError
+from ._backoff import full_jitter
+from ._commands import Dedicated, dedicated, node_of
+from ._connection import AnyRedis
+from ._scope import background
+from .errors import CommandTimeout, ConfigurationError, ConnectionFailed, RedisPatternsError
 
 Overflow = Literal["drop_oldest", "drop_newest", "error"]
 _OVERFLOWS = ("drop_oldest", "drop_newest", "error")
@@ -39,7 +39,9 @@ _MESSAGE = b"message"
 _SMESSAGE = b"smessage"
 _PMESSAGE = b"pmessage"
 _CONFIRMATIONS = {b"subscribe": b"", b"ssubscribe": b"", b"psubscribe": b"p"}
-_CONNECTION_ERRORS = (rex.ConnectionError, rex.TimeoutError, OSError)
+# A connection that broke or stalled: the reader reconnects (the command layer has
+# translated whatever redis-py or the socket raised into one of these).
+_CONNECTION_ERRORS = (ConnectionFailed, CommandTimeout)
 
 
 class PubSubError(RedisPatternsError):
@@ -129,9 +131,9 @@ class ReconnectPolicy:
 
     def delay(self, attempt: int) -> float:
         """The (jittered) wait before attempt number ``attempt`` (from 1)."""
-        exponent = min(attempt - 1, 64)  # keep the power finite
-        ceiling = min(self.max_delay, self.initial_delay * self.multiplier**exponent)
-        return random.uniform(0.0, ceiling)
+        return full_jitter(
+            attempt - 1, base=self.initial_delay, cap=self.max_delay, multiplier=self.multiplier
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,11 +300,12 @@ def pattern_names(values: Iterable[str | bytes]) -> list[bytes]:
     return _names(values, "pattern")
 
 
-def _connection_error(exc: BaseException) -> RedisPatternsError:
-    ours = translate(exc)
-    if isinstance(ours, RedisPatternsError):
-        return ours
-    return ConnectionFailed(str(exc) or type(exc).__name__)
+def _as_library_error(exc: Exception) -> RedisPatternsError:
+    if isinstance(exc, RedisPatternsError):
+        return exc
+    error = PubSubError(f"the subscription's reader failed: {exc!r}")
+    error.__cause__ = exc
+    return error
 
 
 class Hub:
@@ -332,8 +335,7 @@ class Hub:
         self.sinks: list[Sink] = []
         # Confirmations awaited by attach(): (kind, name) -> event.
         self._pending: dict[tuple[bytes, bytes], anyio.Event] = {}
-        self._conn: Any = None
-        self._pool: Any = None
+        self._conn: Dedicated | None = None
         self._live = False  # subscribed and read by the reader; writes may go out
         self._activity = 0
         self._failure: BaseException | None = None
@@ -350,72 +352,57 @@ class Hub:
     async def running(self) -> AsyncIterator[Hub]:
         """Connect, subscribe to what is routed so far, run the reader; close on exit.
 
+        Entering is bounded: the server must confirm every subscription within the
+        reconnect policy's ``confirm_timeout`` (the socket timeout without a policy),
+        else :class:`~aioredispatterns.CommandTimeout`; an unreachable server raises
+        :class:`~aioredispatterns.ConnectionFailed`.
+
         Cancellation: the connection is closed under a shielded, bounded scope (closing
         the socket ends every subscription on the server) and returned to the pool.
         """
-        await self._acquire()
+        key = await self._node_key()
         try:
-            await self._subscribe_all(self._conn, hold=None)
-            self._live = True
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._read_forever)
-                if self.health_check_interval is not None:
-                    tg.start_soon(self._health_check, self.health_check_interval)
+            async with dedicated(self.client, key=key, reusable=False) as conn:
+                self._conn = conn
+                limit = self._confirm_timeout(conn)
                 try:
+                    with anyio.fail_after(limit):
+                        await self._subscribe_all(conn, hold=None)
+                except TimeoutError:
+                    raise CommandTimeout(
+                        f"the server did not confirm the subscriptions within {limit:.1f} s"
+                    ) from None
+                self._live = True
+                async with background("subscription") as tg:
+                    tg.start_soon(self._read_forever)
+                    if self.health_check_interval is not None:
+                        tg.start_soon(self._health_check, self.health_check_interval)
                     yield self
-                finally:
-                    tg.cancel_scope.cancel()
         finally:
             self._live = False
+            self._conn = None
             for sink in self.sinks:
                 sink.close()
-            with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                await self._release()
 
-    async def _acquire(self) -> None:
-        client = self.client
-        node: Any = None
-        if is_cluster(client):
-            node = self._cluster_node()
-        try:
-            if node is not None:
-                self._pool = node
-                self._conn = node.acquire_connection()
-                await self._conn.connect()
-            else:
-                self._pool = client.connection_pool  # type: ignore[union-attr]
-                self._conn = await self._pool.get_connection()
-        except Exception as exc:
-            self._conn = None
-            raise _connection_error(exc) from exc
+    def _confirm_timeout(self, conn: Dedicated) -> float:
+        if self.reconnect is not None:
+            return self.reconnect.confirm_timeout
+        return conn.socket_timeout or 5.0
 
-    def _cluster_node(self) -> Any:
-        client: Any = self.client
+    async def _node_key(self) -> bytes | None:
+        """On a cluster, the key whose node to subscribe on (None: any node will do)."""
         if not (self.sharded and self.channels):
             # Plain pub/sub messages reach every node of a cluster; one node will do.
-            return client.get_default_node()
+            return None
         # A sharded channel lives on the node that owns its slot.
-        nodes = {name: client.get_node_from_key(name) for name in self.channels}
-        if len({node.name for node in nodes.values()}) > 1:
+        names = list(self.channels)
+        nodes = {await node_of(self.client, name) for name in names}
+        if len(nodes) > 1:
             raise ConfigurationError(
                 "sharded channels of one subscription must live on one cluster node "
                 "(give them a common {hash tag}, or subscribe to each separately)"
             )
-        return next(iter(nodes.values()))
-
-    async def _release(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        try:
-            # A subscribed connection cannot serve commands again; closing it also ends
-            # every subscription on the server at once.
-            await conn.disconnect(nowait=True)
-        finally:
-            if is_cluster(self.client):
-                self._pool.release(conn)
-            else:
-                await self._pool.release(conn)
+        return names[0]
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -432,7 +419,7 @@ class Hub:
             commands.append((b"PSUBSCRIBE", *self.patterns))
         return commands
 
-    async def _subscribe_all(self, conn: Any, hold: list[Any] | None) -> None:
+    async def _subscribe_all(self, conn: Dedicated, hold: list[Any] | None) -> None:
         """Send every subscription and read until all are confirmed.
 
         Messages that arrive meanwhile go to ``hold`` when given (so a gap notice can be
@@ -440,11 +427,9 @@ class Hub:
         """
         expected = len(self.channels) + len(self.patterns)
         for command in self._commands():
-            await conn.send_command(*command, check_health=False)
+            await conn.send(*command)
         while expected > 0:
-            reply = await conn.read_response(
-                timeout=math.inf, disconnect_on_error=False, push_request=True
-            )
+            reply = await conn.read(timeout=math.inf, push=True)
             kind = reply[0] if isinstance(reply, list) and reply else None
             if kind in _CONFIRMATIONS:
                 expected -= 1
@@ -491,15 +476,17 @@ class Hub:
 
     async def _send_subscribe(self, channels: list[bytes], patterns: list[bytes]) -> None:
         conn = self._conn
+        if conn is None:
+            return
         try:
             if channels:
                 if self.sharded:
                     for name in channels:
-                        await conn.send_command(b"SSUBSCRIBE", name, check_health=False)
+                        await conn.send(b"SSUBSCRIBE", name)
                 else:
-                    await conn.send_command(b"SUBSCRIBE", *channels, check_health=False)
+                    await conn.send(b"SUBSCRIBE", *channels)
             if patterns:
-                await conn.send_command(b"PSUBSCRIBE", *patterns, check_health=False)
+                await conn.send(b"PSUBSCRIBE", *patterns)
         except _CONNECTION_ERRORS:
             pass  # the reader notices the broken connection and resubscribes everything
 
@@ -545,11 +532,11 @@ class Hub:
                 verb = b"SUNSUBSCRIBE" if self.sharded else b"UNSUBSCRIBE"
                 if self.sharded:
                     for name in gone_channels:
-                        await conn.send_command(verb, name, check_health=False)
+                        await conn.send(verb, name)
                 else:
-                    await conn.send_command(verb, *gone_channels, check_health=False)
+                    await conn.send(verb, *gone_channels)
             if gone_patterns:
-                await conn.send_command(b"PUNSUBSCRIBE", *gone_patterns, check_health=False)
+                await conn.send(b"PUNSUBSCRIBE", *gone_patterns)
         except _CONNECTION_ERRORS:
             pass  # the next resubscribe only covers names still routed
 
@@ -585,27 +572,27 @@ class Hub:
                 sink.put(item)
 
     async def _read_forever(self) -> None:
+        conn = self._conn
+        assert conn is not None
         try:
             while True:
                 try:
-                    await self._read(self._conn)
+                    await self._read(conn)
                 except _CONNECTION_ERRORS as exc:
                     if self.reconnect is None:
                         raise
-                    await self._recover(exc)
-        except anyio.get_cancelled_exc_class():
-            raise
+                    await self._recover(conn, exc)
         except Exception as exc:
-            self._fail(translate(exc) or exc)
+            self._fail(_as_library_error(exc))
 
-    async def _read(self, conn: Any) -> None:
+    async def _read(self, conn: Dedicated) -> None:
         # The hot path: one read, one dict lookup and a put per subscriber per message.
-        read = conn.read_response
+        read = conn.read
         channels = self.channels
         patterns = self.patterns
         decode = self.decode
         while True:
-            reply = await read(timeout=math.inf, disconnect_on_error=False, push_request=True)
+            reply = await read(timeout=math.inf, push=True)
             self._activity += 1
             kind = reply[0]
             if kind in (_MESSAGE, _SMESSAGE):
@@ -620,7 +607,7 @@ class Hub:
                 for sink in sinks:
                     sink.put(item)
 
-    async def _recover(self, cause: BaseException) -> None:
+    async def _recover(self, conn: Dedicated, cause: BaseException) -> None:
         """Reconnect with backoff and resubscribe; queue a gap notice for every sink."""
         assert self.reconnect is not None
         policy = self.reconnect
@@ -629,8 +616,7 @@ class Hub:
         # Subscribers that attach during the outage wait for the resubscribe: they miss
         # nothing, so only those attached now get the gap notice.
         affected = list(self.sinks)
-        conn = self._conn
-        await conn.disconnect(nowait=True)
+        await conn.disconnect()
         attempt = 0
         hold: list[Any] = []
         while True:
@@ -644,10 +630,10 @@ class Hub:
             hold.clear()
             try:
                 with anyio.fail_after(policy.confirm_timeout):
-                    await conn.connect_check_health(check_health=False, retry_socket_connect=False)
+                    await conn.reconnect()
                     await self._subscribe_all(conn, hold)
             except (*_CONNECTION_ERRORS, TimeoutError):
-                await conn.disconnect(nowait=True)
+                await conn.disconnect()
                 continue
             break
         self._live = True
@@ -685,12 +671,14 @@ class Hub:
                 seen, pinged = self._activity, False
                 continue
             conn = self._conn
+            if conn is None:
+                continue
             try:
                 if pinged:
-                    await conn.disconnect(nowait=True)
+                    await conn.disconnect()
                     pinged = False
                 else:
-                    await conn.send_command(b"PING", check_health=False)
+                    await conn.send(b"PING")
                     pinged = True
             except _CONNECTION_ERRORS:
                 pinged = False

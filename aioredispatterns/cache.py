@@ -36,7 +36,7 @@ import os
 import random
 import struct
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -48,11 +48,11 @@ from anyio.abc import TaskGroup
 
 from ._cache_keys import call_key, function_name
 from ._capabilities import server_info
-from ._commands import execute, execute_blocking
+from ._commands import execute, execute_blocking, execute_many
 from ._connection import AnyRedis, check_client
 from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, check_prefix, keyspace
+from ._scope import background
 from ._scripts import Script
-from ._translate import map_redis_errors
 from .errors import ConfigurationError, RedisPatternsError
 from .serializers import Serializer, check_serializer, default_serializer
 
@@ -85,7 +85,6 @@ _FILL = Script.load("cache_fill")
 _ACQUIRE = Script.load("cache_acquire")
 _WARM = Script.load("cache_warm")
 
-_PIPELINE_CHUNK: Final = 1000
 _KEY_CACHE_SIZE: Final = 4096
 _MAX_BLOCK: Final = 2.0
 
@@ -379,13 +378,12 @@ class Cache(AsyncContextManagerMixin):
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
         await self._sync_clock()
-        async with anyio.create_task_group() as tg:
+        async with background("Cache") as tg:
             self._tg = tg
             try:
                 yield self
             finally:
                 self._tg = None
-                tg.cancel_scope.cancel()
 
     async def _sync_clock(self) -> None:
         # Fresh-until times are compared by every process: use the server's clock
@@ -579,7 +577,9 @@ class Cache(AsyncContextManagerMixin):
         Cancellation: nothing to undo (reads).
         """
         wanted = list(keys)
-        replies = await self._pipeline([("GET", self._keys(k).base) for k in wanted])
+        replies = await execute_many(
+            self._client, [("GET", self._keys(k).base) for k in wanted], idempotent=True
+        )
         missing = object()
         found: dict[str | bytes, Any] = {}
         for key, raw in zip(wanted, replies, strict=True):
@@ -648,7 +648,9 @@ class Cache(AsyncContextManagerMixin):
             else:
                 command = ("SET", rkey, blob) + (("PX", px) if px else ())
             commands.append(command)
-        replies = await self._pipeline(commands)
+        # Not re-sent after a connection failure: another process may have written a
+        # newer value in between.
+        replies = await execute_many(self._client, commands, idempotent=False)
         return sum(1 for reply in replies if reply)
 
     async def warm(
@@ -684,17 +686,7 @@ class Cache(AsyncContextManagerMixin):
         if len(commands) == 1:
             await execute(self._client, *commands[0])
         else:
-            await self._pipeline(commands)
-
-    async def _pipeline(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        replies: list[Any] = []
-        for start in range(0, len(commands), _PIPELINE_CHUNK):
-            pipe = self._client.pipeline(transaction=False)
-            for command in commands[start : start + _PIPELINE_CHUNK]:
-                pipe.execute_command(*command)
-            with map_redis_errors():
-                replies.extend(await pipe.execute())
-        return replies
+            await execute_many(self._client, commands, idempotent=False)
 
     # ----------------------------------------------------------------- stats
 
