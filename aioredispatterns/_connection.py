@@ -242,6 +242,9 @@ def connect(
         "socket_connect_timeout": connect_timeout,
         "health_check_interval": health_check_interval,
         "protocol": protocol,
+        # No CLIENT SETINFO on connect: CLIENT is @dangerous on Redis 6.2, so it would be
+        # denied (and logged) under a least-privilege ACL. Pass driver_info=... to send it.
+        "driver_info": None,
         **redis_options,
     }
     if username is not None:

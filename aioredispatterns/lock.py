@@ -16,9 +16,12 @@ What it guarantees, and what it does not:
   stale holder's late write. Use :func:`fenced_set` for a value in Redis, or the SQL recipe
   in its docstring.
 * **Leases renew themselves** every ``ttl / 3`` while held with ``async with``; when renewal
-  fails (the key expired and someone else took it, or the server stayed unreachable until
-  the TTL ran out) ``lease.lost`` is set at once, and with ``cancel_on_loss=True`` the
-  body is cancelled and :class:`LockLost` raised.
+  fails (the key expired and someone else took it, the server stayed unreachable until
+  the TTL ran out, or it refused the renewal with an error such as ``NOPERM`` or
+  ``WRONGTYPE``, which is logged once at WARNING on ``aioredispatterns.lock``)
+  ``lease.lost`` is set at once, and with ``cancel_on_loss=True`` the body is cancelled
+  and :class:`LockLost` raised. Only connection errors and timeouts are retried (with
+  backoff, never past the lease's validity).
 * **Waiters do not poll.** A release pushes one wake-up onto a per-lock list; waiters block
   on it with ``BLPOP`` (served longest-waiting first, so hand-offs are roughly FIFO), with a
   fallback bounded by the holder's remaining TTL (a crashed holder never releases).
@@ -48,6 +51,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import logging
 import math
 import os
 from collections.abc import AsyncIterator
@@ -57,15 +61,17 @@ from types import TracebackType
 from typing import Final
 
 import anyio
-from redis.typing import EncodableT
 
+from ._backoff import Backoff
 from ._capabilities import server_info
-from ._commands import execute, execute_blocking
+from ._commands import Arg, execute, execute_blocking
 from ._connection import AnyRedis, check_client, is_cluster
 from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, keyspace
 from ._scripts import Script
 from .errors import (
+    CommandTimeout,
     ConfigurationError,
+    ConnectionFailed,
     RedisPatternsError,
 )
 
@@ -90,12 +96,16 @@ _FENCED_SET = Script.load("fenced_set")
 DEFAULT_FENCE_TTL: Final = 7 * 24 * 3600.0
 # Cleanup (release after the body, undo of a cancelled acquire) never waits longer.
 _CLEANUP_TIMEOUT: Final = 2.0
-# Pause between renewal attempts after a connection error.
-_RENEW_RETRY_PAUSE: Final = 0.05
+# Backoff between renewal attempts after a connection error or timeout: the cap is
+# also kept under a sixth of the TTL, so several attempts fit in the lease's validity.
+_RENEW_BACKOFF_BASE: Final = 0.05
+_RENEW_BACKOFF_CAP: Final = 1.0
 # A cluster client reads a BLPOP reply within its socket timeout: keep blocks shorter.
 _CLUSTER_MAX_BLOCK: Final = 2.0
 # How long past its own deadline a waiter lets the server answer a BLPOP.
 _WAIT_SLACK: Final = 0.01
+
+_log = logging.getLogger("aioredispatterns.lock")
 
 
 class LockError(RedisPatternsError):
@@ -251,6 +261,9 @@ class _LeaseManager(abc.ABC):
     _ttl: float
     _timeout: float | None
     _cancel_on_loss: bool
+    # The bound of the shielded cleanup (release after the body, undo of a cancelled
+    # acquire); Redlock raises it to its release_timeout.
+    _cleanup_timeout: float = _CLEANUP_TIMEOUT
 
     def _setup(
         self,
@@ -282,6 +295,9 @@ class _LeaseManager(abc.ABC):
         # What a holder may count on after sending an acquire or renewal: the TTL minus
         # a margin for clock drift between this process and the server.
         return self._ttl - (self._ttl * 0.01 + 0.002)
+
+    async def _prepare(self) -> None:  # noqa: B027 - an optional hook, not abstract
+        """Work an acquire attempt needs done before its timed part (none by default)."""
 
     @abc.abstractmethod
     async def _try_acquire(self, owner: str) -> tuple[int | None, float]:
@@ -329,13 +345,15 @@ class _LeaseManager(abc.ABC):
         deadline = None if timeout is None else anyio.current_time() + timeout
         owner = _new_owner()
         while True:
+            # Outside the lease's clock: nothing has been sent for this owner yet.
+            await self._prepare()
             sent = anyio.current_time()
             try:
                 token, hint = await self._try_acquire(owner)
             except BaseException:
                 # The script may have run and only its reply been lost: undo it so a
                 # cancelled or failed acquire never holds the lock until the TTL.
-                with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+                with anyio.move_on_after(self._cleanup_timeout, shield=True):
                     # Unreachable: the key (if any) expires at the end of its TTL.
                     with contextlib.suppress(RedisPatternsError):
                         await self._release(owner)
@@ -403,7 +421,7 @@ class _LeaseManager(abc.ABC):
                         tg.cancel_scope.cancel()
         finally:
             if not lease._released:
-                with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+                with anyio.move_on_after(self._cleanup_timeout, shield=True):
                     try:
                         await lease.release()
                     except RedisPatternsError as exc:
@@ -428,8 +446,11 @@ class _LeaseManager(abc.ABC):
             await anyio.sleep(self._ttl / 3)
 
     async def _renew(self, lease: Lease) -> bool:
-        # Retry through connection errors, but never past the moment the lease may have
-        # expired on the server: from then on someone else may hold the lock.
+        # Retry through connection errors and timeouts (the lease may still be held),
+        # but never past the moment the lease may have expired on the server: from then
+        # on someone else may hold the lock. An error reply (NOPERM, WRONGTYPE, a
+        # failing script) will not go away by itself: the lease cannot be renewed.
+        backoff = Backoff(base=_RENEW_BACKOFF_BASE, cap=min(_RENEW_BACKOFF_CAP, self._ttl / 6))
         while not lease._released:
             remaining = lease._valid_until - anyio.current_time()
             if remaining <= 0:
@@ -438,9 +459,17 @@ class _LeaseManager(abc.ABC):
             with anyio.move_on_after(remaining):
                 try:
                     owned = await self._extend(lease.owner)
-                except RedisPatternsError:
-                    await anyio.sleep(_RENEW_RETRY_PAUSE)
+                except (ConnectionFailed, CommandTimeout):
+                    await backoff.sleep()
                     continue
+                except RedisPatternsError as exc:
+                    _log.warning(
+                        "lease on %r (token %d) cannot be renewed, marked lost: %s",
+                        self.name,
+                        lease.token,
+                        exc,
+                    )
+                    return False
                 if owned:
                     lease._valid_until = sent + self._validity
                 return owned
@@ -606,7 +635,7 @@ def _check_token(token: object) -> int:
 async def fenced_set(
     client: AnyRedis,
     resource: str,
-    value: EncodableT,
+    value: Arg,
     token: int,
     *,
     prefix: str = DEFAULT_PREFIX,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -472,3 +474,62 @@ async def test_failover_hands_the_lock_to_two_clients_and_fencing_saves_the_writ
     assert stored is not None
     assert stored.value == b"b1"
     await b.release()
+
+
+# ------------------------------------------------------------- renewal refused
+
+
+def _lock_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "aioredispatterns.lock"]
+
+
+async def test_a_renewal_refused_with_an_error_loses_the_lease_at_once(
+    redis_client: Redis, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # WRONGTYPE will not go away by retrying: the lease is lost at the first renewal
+    # (2 s), not retried every 50 ms until its validity runs out (5.9 s).
+    caplog.set_level(logging.WARNING, logger="aioredispatterns.lock")
+    lock = Lock(redis_client, "job", ttl=6, prefix=key_prefix)
+    owner_key = _owner_key(key_prefix, "job")
+    with pytest.raises(LockLost):  # noqa: PT012 - the async with raises it
+        async with lock as lease:
+            await redis_client.delete(owner_key)
+            await redis_client.rpush(owner_key, lease.owner)
+            with anyio.fail_after(4.5):
+                await lease.lost.wait()
+    warnings = _lock_warnings(caplog)
+    assert len(warnings) == 1, [w.getMessage() for w in warnings]
+    assert warnings[0].levelno == logging.WARNING
+    assert "WRONGTYPE" in warnings[0].getMessage()
+
+
+async def test_a_renewal_denied_by_the_acl_is_not_retried(
+    redis_client: Redis, redis_server: Any, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not redis_server.owned:
+        pytest.skip("creates an ACL user: needs a server this suite started")
+    caplog.set_level(logging.WARNING, logger="aioredispatterns.lock")
+    user, password = f"renew-{key_prefix}", uuid.uuid4().hex
+    await redis_client.execute_command(
+        "ACL", "SETUSER", user, "reset", "on", f">{password}", f"~{key_prefix}:*",
+        "resetchannels", f"&{key_prefix}:*", "+@all", "-@dangerous",
+    )  # fmt: skip
+    limited = connect(redis_server.url, username=user, password=password)
+    try:
+        lock = Lock(limited, "job", ttl=1.5, prefix=key_prefix)
+        with pytest.raises(LockLost):  # noqa: PT012 - the async with raises it
+            async with lock as lease:
+                # An operator takes the key rights away while the lease is held.
+                await redis_client.execute_command("ACL", "LOG", "RESET")
+                await redis_client.execute_command("ACL", "SETUSER", user, "resetkeys")
+                with anyio.fail_after(5):
+                    await lease.lost.wait()
+        log = await redis_client.acl_log()
+        denied = [e for e in log if e["username"] == user and e["reason"] == "key"]
+    finally:
+        await limited.aclose()
+        await redis_client.execute_command("ACL", "DELUSER", user)
+    # One denied renewal and one denied release, not a retry every 50 ms until the
+    # validity ran out.
+    assert sum(int(str(e["count"])) for e in denied) <= 2, denied
+    assert len(_lock_warnings(caplog)) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -128,3 +129,145 @@ async def test_redlock_arguments_are_checked(five_clients: list[Redis]) -> None:
         Redlock(five_clients, "job", drift_factor=0.7)
     with pytest.raises(ConfigurationError):
         Redlock(five_clients, "job", ttl=0.1, node_timeout=0.2)
+    for bad in (0, -1.0, float("nan"), "2"):
+        with pytest.raises(ConfigurationError):
+            Redlock(five_clients, "job", release_timeout=bad)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ slow servers
+
+
+async def _pause(clients: list[Redis], ms: int) -> None:
+    """Freeze the servers behind ``clients`` for ``ms`` (commands queue, then run)."""
+    for client in clients:
+        await client.execute_command("CLIENT", "PAUSE", str(ms), "ALL")
+
+
+async def test_a_release_slower_than_node_timeout_still_deletes_every_key(
+    five_clients: list[Redis],
+) -> None:
+    # The release used to share the 50 ms node deadline (and run capability detection
+    # inside it): servers slower than that kept the keys for a whole TTL, and the
+    # unanswered deletes read as "not held": a false LockLost.
+    redlock = Redlock(five_clients, "job", ttl=30, node_timeout=0.05)
+    with anyio.fail_after(20):
+        async with redlock as lease:
+            await _pause(five_clients, 400)
+    assert not lease.lost.is_set()
+    assert await _holders(five_clients, list(range(5))) == 0
+
+
+async def test_capabilities_are_detected_before_the_acquire_not_in_the_release(
+    five_clients: list[Redis],
+) -> None:
+    async def hellos() -> list[int]:
+        counts = []
+        for client in five_clients:
+            stats = await client.info("commandstats")
+            counts.append(int(stats.get("cmdstat_hello", {}).get("calls", 0)))
+        return counts
+
+    lease = await Redlock(five_clients, "job", ttl=5).acquire()
+    detected = await hellos()
+    assert all(count >= 1 for count in detected), detected
+    await lease.release()
+    assert await hellos() == detected  # the release is one command per server
+    assert await _holders(five_clients, list(range(5))) == 0
+
+
+async def test_servers_that_do_not_answer_are_unknown_not_a_no(
+    five_clients: list[Redis],
+) -> None:
+    # A majority freezes for 0.6 s, well inside the lease's validity (1.5 s): the
+    # renewals in between get no answer, which must not read as "not yours".
+    redlock = Redlock(five_clients, "job", ttl=1.5, cancel_on_loss=True)
+    with anyio.fail_after(20):
+        async with redlock as lease:
+            await _pause(five_clients[:3], 600)
+            await anyio.sleep(2.0)  # past the validity the acquire gave
+            assert lease.held
+    assert not lease.lost.is_set()
+    assert await _holders(five_clients, list(range(5))) == 0
+
+
+async def test_a_minority_of_denials_is_not_a_loss(five_clients: list[Redis]) -> None:
+    # Four servers, quorum three: two answer "not yours" (their key vanished), two
+    # confirm. Neither side is a majority, so the renewal is unknown and retried until
+    # the validity runs out, not lost at once; here the keys come back in time.
+    clients = five_clients[:4]
+    redlock = Redlock(clients, "job", ttl=3)
+    assert redlock.quorum == 3
+    with anyio.fail_after(20):
+        async with redlock as lease:
+            for client in clients[:2]:
+                await client.delete(OWNER_KEY)
+            await anyio.sleep(1.5)  # the first renewal (at 1 s) saw two denials
+            assert not lease.lost.is_set()
+            for client in clients[:2]:
+                await client.set(OWNER_KEY, lease.owner, px=3000)
+            await anyio.sleep(1.5)  # past the validity of the acquire (~2.97 s)
+            assert lease.held
+    assert not lease.lost.is_set()
+
+
+async def test_a_majority_refusing_the_renewal_loses_the_lease_at_once(
+    five_clients: list[Redis], caplog: pytest.LogCaptureFixture
+) -> None:
+    # An error reply (WRONGTYPE here, NOPERM under an ACL) will not go away by waiting:
+    # with a majority refusing, the lease is lost at the first renewal (2 s), not
+    # retried until its validity runs out (5.9 s).
+    redlock = Redlock(five_clients, "job", ttl=6)
+    caplog.set_level(logging.WARNING, logger="aioredispatterns.lock")
+    with pytest.raises(LockLost):  # noqa: PT012 - the async with raises it
+        async with redlock as lease:
+            for client in five_clients[:3]:
+                await client.delete(OWNER_KEY)
+                await client.rpush(OWNER_KEY, lease.owner)
+            with anyio.fail_after(4.5):
+                await lease.lost.wait()
+    warnings = [r for r in caplog.records if r.name == "aioredispatterns.lock"]
+    assert len(warnings) == 1
+    assert "WRONGTYPE" in warnings[0].getMessage()
+    assert await _holders(five_clients, [3, 4]) == 0
+
+
+# ----------------------------------------------------------------- one server twice
+
+
+async def test_two_clients_to_one_server_are_refused(five_servers: list[RedisServer]) -> None:
+    # Two connections to one server give a "majority" of one crash, and the second
+    # grant of the same owner always fails (SET NX): the acquire waited forever.
+    first, second = five_servers[0], five_servers[1]
+    clients = [
+        connect(first.url),
+        connect(first.url),  # the same server again, through another pool
+        connect(second.url),
+        connect(f"redis://localhost:{first.port}/1"),  # another db: another keyspace
+    ]
+    try:
+        with pytest.raises(ConfigurationError, match="both talk to"):
+            Redlock(clients[:3], "job")
+        Redlock([clients[0], clients[2], clients[3]], "job")
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+async def test_cluster_and_unix_clients_sharing_a_server_are_refused() -> None:
+    # No server is contacted: the check reads the clients' settings.
+    clients = [
+        connect("redis+cluster://127.0.0.1:7000"),
+        connect("redis://127.0.0.1:7000/0"),  # a node of that cluster
+        connect("redis+cluster://127.0.0.1:7000"),
+        connect("unix:///tmp/arp-redlock.sock?db=0"),
+        connect("unix:///tmp/arp-redlock.sock?db=0"),
+        connect("redis://127.0.0.1:7001/0"),
+    ]
+    try:
+        for pair in ((0, 1), (0, 2), (3, 4)):
+            with pytest.raises(ConfigurationError, match="both talk to"):
+                Redlock([clients[i] for i in pair], "job")
+        Redlock([clients[0], clients[3], clients[5]], "job")
+    finally:
+        for client in clients:
+            await client.aclose()
