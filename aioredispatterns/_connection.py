@@ -18,6 +18,7 @@ from redis.backoff import AbstractBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ._backoff import full_jitter
+from ._validate import check_choice, check_count, check_flag, check_seconds
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -90,6 +91,10 @@ _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 _SCHEMES = {"redis", "rediss", "unix"}
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+_MAX_CONNECTIONS = 100_000
+_MAX_RETRIES = 100
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 
 def _split_cluster_url(url: str) -> tuple[str, bool]:
@@ -102,18 +107,15 @@ def _split_cluster_url(url: str) -> tuple[str, bool]:
             f"unsupported URL scheme {parts.scheme!r}: use redis://, rediss://, unix://, "
             "redis+cluster:// or rediss+cluster://"
         )
-    flag = parse_qs(parts.query).get("cluster", ["false"])[-1].lower()
-    if flag in {"1", "true", "yes"}:
-        query = "&".join(p for p in parts.query.split("&") if not p.startswith("cluster="))
-        return urlunsplit(parts._replace(query=query)), True
-    return url, False
-
-
-def _positive(name: str, value: float | int | None, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
+    values = parse_qs(parts.query).get("cluster")
+    if values is None:
+        return url, False
+    # redis-py does not know this option: take it out of the query whatever its value.
+    flag = values[-1].lower()
+    if flag not in _TRUE | _FALSE:
+        raise ConfigurationError(f"?cluster= must be true or false, got {values[-1]!r}")
+    query = "&".join(p for p in parts.query.split("&") if not p.startswith("cluster="))
+    return urlunsplit(parts._replace(query=query)), flag in _TRUE
 
 
 @overload
@@ -200,7 +202,9 @@ def connect(
         username, password: ACL credentials (they may also be in the URL).
         auto_pipeline: batch the library's short commands issued in one event-loop
             iteration into one round trip (see README).
-        **redis_options: passed through to redis-py (e.g. ``ssl_ca_certs``).
+        **redis_options: passed through to redis-py (e.g. ``ssl_ca_certs``). No
+            ``CLIENT SETINFO`` is sent on connect (it is denied under least-privilege
+            ACLs on Redis 6.2); pass ``driver_info=redis.DriverInfo(...)`` to send it.
 
     The client uses hiredis for parsing when it is installed. Close it with
     ``await client.aclose()`` or ``async with``. This is not a coroutine (nothing to
@@ -213,19 +217,19 @@ def connect(
         raise ConfigurationError("url must be a non-empty str")
     url, cluster_from_url = _split_cluster_url(url)
     use_cluster = cluster_from_url if cluster is None else cluster
-    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
-        raise ConfigurationError("max_connections must be an int")
-    _positive("max_connections", max_connections)
-    _positive("pool_timeout", pool_timeout)
-    _positive("socket_timeout", socket_timeout, allow_none=True)
-    _positive("connect_timeout", connect_timeout)
-    _positive("backoff_base", backoff_base)
-    _positive("backoff_cap", backoff_cap)
-    _positive("health_check_interval", health_check_interval)
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ConfigurationError(f"retries must be an int >= 0, got {retries!r}")
-    if protocol not in (2, 3):
-        raise ConfigurationError(f"protocol must be 2 or 3, got {protocol!r}")
+    if cluster is not None:
+        check_flag("cluster", cluster)
+    check_count("max_connections", max_connections, minimum=1, maximum=_MAX_CONNECTIONS)
+    check_seconds("pool_timeout", pool_timeout)
+    if socket_timeout is not None:
+        check_seconds("socket_timeout", socket_timeout)
+    check_seconds("connect_timeout", connect_timeout)
+    check_seconds("backoff_base", backoff_base)
+    check_seconds("backoff_cap", backoff_cap)
+    check_seconds("health_check_interval", health_check_interval)
+    check_count("retries", retries, maximum=_MAX_RETRIES)
+    check_choice("protocol", protocol, (2, 3))
+    check_flag("auto_pipeline", auto_pipeline)
 
     # Only connection errors are retried: a timed-out command may still be running on
     # the server, and re-sending a non-idempotent one (INCR, XADD) would apply it twice.

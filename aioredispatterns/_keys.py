@@ -11,26 +11,30 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from .errors import ConfigurationError, InvalidKeyError
+from ._validate import MAX_NAME_BYTES, check_name
+from .errors import ConfigurationError
 
 DEFAULT_PREFIX = "arp"
+# A prefix is part of every key: keep it short.
+_MAX_PREFIX_BYTES = 128
 
 KeyT = str | bytes
 
 
-def check_key(value: object, what: str = "key") -> KeyT:
-    """Return ``value`` if it is a non-empty str or bytes, else raise InvalidKeyError."""
-    if not isinstance(value, str | bytes):
-        raise InvalidKeyError(f"{what} must be str or bytes, not {type(value).__name__}")
-    if not value:
-        raise InvalidKeyError(f"{what} must not be empty")
-    return value
+def check_key(value: object, what: str = "key", *, max_bytes: int = MAX_NAME_BYTES) -> KeyT:
+    """Return ``value`` if it is a valid key part (see ``_validate.check_name``).
+
+    Raises:
+        InvalidKeyError: empty, not str/bytes, not valid UTF-8, or above ``max_bytes``.
+    """
+    return check_name(what, value, max_bytes=max_bytes)
 
 
 def check_prefix(prefix: object) -> str:
     """Validate a namespace prefix: a non-empty str without hash-tag braces."""
     if not isinstance(prefix, str) or not prefix:
         raise ConfigurationError("prefix must be a non-empty str")
+    check_name("prefix", prefix, max_bytes=_MAX_PREFIX_BYTES)
     if "{" in prefix or "}" in prefix:
         raise ConfigurationError("prefix must not contain '{' or '}' (they mark hash tags)")
     return prefix
@@ -52,15 +56,18 @@ class KeySpace:
         return f"{self.base}:{suffix}"
 
 
-def keyspace(prefix: str, primitive: str, name: object) -> KeySpace:
+def keyspace(
+    prefix: str, primitive: str, name: object, *, max_bytes: int = MAX_NAME_BYTES
+) -> KeySpace:
     """Build the key space of one instance; ``name`` is the user's name for it.
 
     Raises:
-        InvalidKeyError: ``name`` is empty or neither str nor bytes.
+        InvalidKeyError: ``name`` is empty, neither str nor bytes, not valid UTF-8, or
+            longer than ``max_bytes`` bytes.
         ConfigurationError: ``prefix`` is empty or contains braces.
     """
     check_prefix(prefix)
-    checked = check_key(name, f"{primitive} name")
+    checked = check_key(name, f"{primitive} name", max_bytes=max_bytes)
     raw = checked.encode() if isinstance(checked, str) else checked
     if b"{" in raw or b"}" in raw:
         # A brace inside the name would cut the hash tag short (or empty it, and then

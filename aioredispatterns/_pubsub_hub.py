@@ -26,10 +26,12 @@ from ._backoff import full_jitter
 from ._commands import Dedicated, dedicated, node_of
 from ._connection import AnyRedis
 from ._scope import background
+from ._validate import check_choice, check_count, check_name, check_number, check_seconds
 from .errors import CommandTimeout, ConfigurationError, ConnectionFailed, RedisPatternsError
 
 Overflow = Literal["drop_oldest", "drop_newest", "error"]
 _OVERFLOWS = ("drop_oldest", "drop_newest", "error")
+_MAX_BUFFER = 100_000_000
 
 # How long the shielded cleanup may take before we give up on it (the socket is closed
 # either way, which ends the subscription on the server).
@@ -74,13 +76,8 @@ class BufferPolicy:
     overflow: Overflow = "drop_oldest"
 
     def __post_init__(self) -> None:
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
-            raise ConfigurationError(f"BufferPolicy.size must be an int >= 1, got {self.size!r}")
-        if self.overflow not in _OVERFLOWS:
-            raise ConfigurationError(
-                f"BufferPolicy.overflow must be one of {', '.join(_OVERFLOWS)}, "
-                f"got {self.overflow!r}"
-            )
+        check_count("BufferPolicy.size", self.size, minimum=1, maximum=_MAX_BUFFER)
+        check_choice("BufferPolicy.overflow", self.overflow, _OVERFLOWS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,25 +106,12 @@ class ReconnectPolicy:
 
     def __post_init__(self) -> None:
         for name in ("initial_delay", "max_delay", "confirm_timeout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigurationError(f"ReconnectPolicy.{name} must be > 0, got {value!r}")
+            check_seconds(f"ReconnectPolicy.{name}", getattr(self, name))
         if self.max_delay < self.initial_delay:
             raise ConfigurationError("ReconnectPolicy.max_delay must be >= initial_delay")
-        multiplier = self.multiplier
-        if (
-            isinstance(multiplier, bool)
-            or not isinstance(multiplier, int | float)
-            or multiplier < 1
-        ):
-            raise ConfigurationError(f"ReconnectPolicy.multiplier must be >= 1, got {multiplier!r}")
-        attempts = self.max_attempts
-        if attempts is not None and (
-            isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1
-        ):
-            raise ConfigurationError(
-                f"ReconnectPolicy.max_attempts must be None or an int >= 1, got {attempts!r}"
-            )
+        check_number("ReconnectPolicy.multiplier", self.multiplier, minimum=1, maximum=1000)
+        if self.max_attempts is not None:
+            check_count("ReconnectPolicy.max_attempts", self.max_attempts, minimum=1)
 
     def delay(self, attempt: int) -> float:
         """The (jittered) wait before attempt number ``attempt`` (from 1)."""
@@ -275,18 +259,14 @@ class Sink:
 
 
 def _names(values: Iterable[str | bytes], what: str) -> list[bytes]:
+    if isinstance(values, str | bytes):
+        raise ConfigurationError(f"{what} names must be given as a list, not one str/bytes")
     found: list[bytes] = []
     for value in values:
-        if isinstance(value, str):
-            value = value.encode()
-        if not isinstance(value, bytes):
-            raise ConfigurationError(
-                f"{what} names must be str or bytes, not {type(value).__name__}"
-            )
-        if not value:
-            raise ConfigurationError(f"{what} names must not be empty")
-        if value not in found:
-            found.append(value)
+        checked = check_name(f"{what} name", value)
+        raw = checked.encode() if isinstance(checked, str) else checked
+        if raw not in found:
+            found.append(raw)
     return found
 
 

@@ -34,6 +34,7 @@ import inspect
 import math
 import os
 import random
+import string
 import struct
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
@@ -53,6 +54,14 @@ from ._connection import AnyRedis, check_client
 from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, check_prefix, keyspace
 from ._scope import background
 from ._scripts import Script
+from ._validate import (
+    MAX_NAME_BYTES,
+    check_choice,
+    check_count,
+    check_flag,
+    check_number,
+    check_seconds,
+)
 from .errors import ConfigurationError, RedisPatternsError
 from .serializers import Serializer, check_serializer, default_serializer
 
@@ -71,6 +80,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 MiB: Final = 1024 * 1024
+# Redis's own limit for one string value.
+_MAX_VALUE_SIZE: Final = 512 * MiB
 
 # Entry header: kind, version, fresh-until (server ms, 0 = always fresh), load time (ms).
 _HEADER: Final = struct.Struct(">B8sQI")
@@ -86,6 +97,8 @@ _ACQUIRE = Script.load("cache_acquire")
 _WARM = Script.load("cache_warm")
 
 _KEY_CACHE_SIZE: Final = 4096
+_KEY_CACHE_BYTES: Final = 4 * MiB
+_MAX_KEY_BYTES: Final = 64 * 1024
 _MAX_BLOCK: Final = 2.0
 
 
@@ -125,10 +138,7 @@ def _check_seconds(
 ) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ConfigurationError(f"{name} must be a number of seconds, got {value!r}")
-    if value < 0 or (value == 0 and not zero) or math.isinf(value):
-        raise ConfigurationError(f"{name} must be {'>= 0' if zero else '> 0'}, got {value!r}")
+    check_seconds(name, value, zero=zero)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,25 +197,20 @@ class CachePolicy:
         _check_seconds("lease_wait", self.lease_wait, allow_none=True, zero=True)
         _check_seconds("max_load_time", self.max_load_time)
         _check_seconds("refresh_backoff", self.refresh_backoff, zero=True)
-        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int | float):
-            raise ConfigurationError(f"jitter must be a fraction, got {self.jitter!r}")
-        if not 0 <= self.jitter < 1:
+        check_number("jitter", self.jitter, minimum=0)
+        if self.jitter >= 1:
             raise ConfigurationError(f"jitter must be in [0, 1), got {self.jitter!r}")
         if self.early_refresh is not None:
-            _check_seconds("early_refresh", self.early_refresh)
-        if not isinstance(self.distributed, bool):
-            raise ConfigurationError("distributed must be a bool")
-        if self.max_value_size is not None and (
-            isinstance(self.max_value_size, bool)
-            or not isinstance(self.max_value_size, int)
-            or self.max_value_size <= _HEADER_SIZE
-        ):
-            raise ConfigurationError(
-                f"max_value_size must be an int above {_HEADER_SIZE} or None, "
-                f"got {self.max_value_size!r}"
+            check_number("early_refresh", self.early_refresh, above=0, maximum=1000)
+        check_flag("distributed", self.distributed)
+        if self.max_value_size is not None:
+            check_count(
+                "max_value_size",
+                self.max_value_size,
+                minimum=_HEADER_SIZE + 1,
+                maximum=_MAX_VALUE_SIZE,
             )
-        if self.oversize not in ("raise", "skip"):
-            raise ConfigurationError(f"oversize must be 'raise' or 'skip', got {self.oversize!r}")
+        check_choice("oversize", self.oversize, ("raise", "skip"))
         if (
             self.distributed
             and self.ttl is not None
@@ -317,6 +322,9 @@ class Cache(AsyncContextManagerMixin):
         ttl: seconds an entry is fresh, or ``None`` explicitly for no expiry. Required.
         serializer: how values become bytes (default: JSON).
         prefix: the namespace of every key (no braces).
+        max_key_bytes: the longest key accepted, in bytes once encoded (default 1024, at
+            most 64 KiB); a longer one raises :class:`~aioredispatterns.InvalidKeyError`
+            before any command. Hash long keys yourself if you need them.
         **policy: the other fields of :class:`CachePolicy`.
 
     Closing (leaving ``async with``) cancels loads and refreshes still in flight: their
@@ -345,8 +353,12 @@ class Cache(AsyncContextManagerMixin):
         refresh_backoff: float = 1.0,
         max_value_size: int | None = MiB,
         oversize: Literal["raise", "skip"] = "raise",
+        max_key_bytes: int = MAX_NAME_BYTES,
     ) -> None:
         self._client = check_client(client)
+        self._max_key_bytes = check_count(
+            "max_key_bytes", max_key_bytes, minimum=1, maximum=_MAX_KEY_BYTES
+        )
         self.policy = CachePolicy(
             ttl=ttl,  # type: ignore[arg-type]  # UNSET is refused in __post_init__
             stale_ttl=stale_ttl,
@@ -368,6 +380,7 @@ class Cache(AsyncContextManagerMixin):
         self._flights: dict[KeyT, _Flight] = {}
         self._reads: dict[KeyT, _Read] = {}
         self._key_cache: dict[str | bytes, KeySpace] = {}
+        self._key_cache_bytes = 0
         self._refresh_blocked: dict[KeyT, float] = {}
         self._counters = CacheStats()
         self._tg: TaskGroup | None = None
@@ -409,12 +422,23 @@ class Cache(AsyncContextManagerMixin):
 
     def _keys(self, key: str | bytes) -> KeySpace:
         # Building and validating a key space costs about a microsecond: remember the
-        # recent ones (bounded; cleared wholesale when full, which is cheap and rare).
-        ks = self._key_cache.get(key)
+        # recent ones, bounded in entries and in bytes (cleared wholesale when full,
+        # which is cheap and rare).
+        try:
+            ks = self._key_cache.get(key)
+        except TypeError:  # unhashable (a list, a bytearray): not a key
+            ks = None
         if ks is None:
-            if len(self._key_cache) >= _KEY_CACHE_SIZE:
+            ks = keyspace(self._prefix, "cache", key, max_bytes=self._max_key_bytes)
+            size = len(key) + len(ks.base)
+            if (
+                len(self._key_cache) >= _KEY_CACHE_SIZE
+                or self._key_cache_bytes + size > _KEY_CACHE_BYTES
+            ):
                 self._key_cache.clear()
-            ks = self._key_cache[key] = keyspace(self._prefix, "cache", key)
+                self._key_cache_bytes = 0
+            self._key_cache[key] = ks
+            self._key_cache_bytes += size
         return ks
 
     def _encode(
@@ -968,9 +992,34 @@ class Cache(AsyncContextManagerMixin):
                 raise ConfigurationError("cached() decorates coroutine functions (async def)")
             if key is not None and not isinstance(key, str) and not callable(key):
                 raise ConfigurationError("key must be a format string, a callable or None")
+            if isinstance(key, str):
+                _check_key_template(key, inspect.signature(func))
+            if not isinstance(ttl, _Unset):
+                _check_seconds("ttl", ttl, allow_none=True)
             return CachedFunction(self, func, ttl=ttl, key=key)
 
         return decorate
+
+
+def _check_key_template(template: str, signature: inspect.Signature) -> None:
+    """Refuse, at decoration, a key template that could not be filled at call time."""
+    params = signature.parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ConfigurationError(f"key template {template!r} is malformed: {exc}") from None
+    for field_name in fields:
+        base = field_name.split(".")[0].split("[")[0]
+        if not base or base.isdigit():
+            raise ConfigurationError(
+                f"key template {template!r}: name the argument in each field, e.g. {{user_id}}"
+            )
+        if base not in params and not takes_any:
+            raise ConfigurationError(
+                f"key template {template!r} names {base!r}, which is not an argument of "
+                f"the function ({', '.join(params) or 'none'})"
+            )
 
 
 class CachedFunction(Generic[P, R]):

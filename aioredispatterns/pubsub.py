@@ -55,6 +55,7 @@ from ._pubsub_hub import (
     channel_names,
     pattern_names,
 )
+from ._validate import check_flag, check_seconds
 from .errors import ConfigurationError, SerializationError
 from .serializers import Serializer, check_serializer, default_serializer
 
@@ -131,14 +132,8 @@ def _check_options(
         raise ConfigurationError(
             f"reconnect must be a ReconnectPolicy or None, got {type(reconnect).__name__}"
         )
-    if health_check_interval is not None and (
-        isinstance(health_check_interval, bool)
-        or not isinstance(health_check_interval, int | float)
-        or health_check_interval <= 0
-    ):
-        raise ConfigurationError(
-            f"health_check_interval must be None or > 0, got {health_check_interval!r}"
-        )
+    if health_check_interval is not None:
+        check_seconds("health_check_interval", health_check_interval)
     return default_serializer() if serializer is None else check_serializer(serializer)
 
 
@@ -354,6 +349,7 @@ def subscribe(
     the server and returns the connection to the pool, shielded and bounded.
     """
     client = check_client(client)
+    check_flag("sharded", sharded)
     chosen = _check_options(serializer, buffer, reconnect, health_check_interval)
     return Subscription(
         client,
@@ -391,6 +387,7 @@ async def publish(
     Cancellation: the message may or may not have been published.
     """
     client = check_client(client)
+    check_flag("sharded", sharded)
     (name,) = channel_names([channel])
     codec = default_serializer() if serializer is None else check_serializer(serializer)
     data = codec.dumps(message)
@@ -436,6 +433,7 @@ class Broadcast(AsyncContextManagerMixin):
         health_check_interval: float | None = 30.0,
     ) -> None:
         self._client = check_client(client)
+        check_flag("sharded", sharded)
         self._serializer = _check_options(
             serializer, _DEFAULT_BUFFER, reconnect, health_check_interval
         )

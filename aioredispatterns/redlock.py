@@ -45,6 +45,7 @@ from ._capabilities import server_info
 from ._connection import AnyRedis, check_client, is_cluster
 from ._keys import DEFAULT_PREFIX, keyspace
 from ._scripts import Script, delete_if_equal
+from ._validate import check_number
 from .errors import CommandError, ConfigurationError, ConnectionFailed, RedisPatternsError
 from .lock import _CLEANUP_TIMEOUT, DEFAULT_FENCE_TTL, _LeaseManager, _seconds
 
@@ -142,6 +143,7 @@ class Redlock(_LeaseManager):
             raise ConfigurationError("Redlock clients must be distinct (one per server)")
         _check_distinct(self._clients)
         keys = keyspace(prefix, "lock", name)
+        check_number("drift_factor", drift_factor, minimum=0)
         if not 0 <= drift_factor < 0.5:
             raise ConfigurationError(f"drift_factor must be in [0, 0.5), got {drift_factor!r}")
         _seconds("retry_delay", retry_delay, minimum=0.001)

@@ -12,7 +12,7 @@ from ._commands import execute
 from ._connection import AnyRedis, check_client
 from ._keys import DEFAULT_PREFIX, keyspace
 from ._scripts import Script
-from .errors import ConfigurationError
+from ._validate import MAX_COUNT, check_count
 from .lock import DEFAULT_FENCE_TTL, _LeaseManager, _wait_for_wakeup
 
 __all__ = ("Semaphore",)
@@ -61,8 +61,8 @@ class Semaphore(_LeaseManager):
     ) -> None:
         self._client = check_client(client)
         keys = keyspace(prefix, "semaphore", name)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigurationError(f"limit must be an int >= 1, got {limit!r}")
+        # Compared with ZCARD inside a script: Lua numbers are exact up to 2**53.
+        check_count("limit", limit, minimum=1, maximum=MAX_COUNT)
         self._setup(name, ttl, timeout, cancel_on_loss, fence_ttl)
         self.limit = limit
         self._holders_key = keys.key("holders")
