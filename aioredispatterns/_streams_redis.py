@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from redis.typing import EncodableT
-
-from ._commands import execute
+from ._commands import Arg, execute
 from ._connection import AnyRedis
 from ._keys import KeyT
 from ._scripts import Script
@@ -16,6 +14,10 @@ from .errors import CommandError
 _RECLAIM = Script.load("stream_reclaim")
 _DEAD_LETTER = Script.load("stream_dead_letter")
 _PRUNE = Script.load("stream_prune_consumers")
+_REFRESH = Script.load("stream_refresh")
+
+# Ids per renewal script: keeps each script short (it blocks the server while it runs).
+_REFRESH_CHUNK = 500
 
 RawEntry = tuple[bytes, dict[bytes, bytes]]
 
@@ -79,7 +81,7 @@ async def reclaim(
     dead_maxlen: int,
 ) -> tuple[str, list[tuple[bytes, dict[bytes, bytes], int]], int]:
     """XAUTOCLAIM one page; returns (next cursor, [(id, fields, deliveries)], dead-lettered)."""
-    args: list[EncodableT] = [
+    args: list[Arg] = [
         group,
         consumer,
         min_idle_ms,
@@ -106,7 +108,7 @@ async def dead_letter(
     dead_maxlen: int,
 ) -> bool:
     """Move one message we own to the dead-letter stream and ack it; False if not ours."""
-    args: list[EncodableT] = [group, consumer, message_id, deliveries, error, dead_maxlen]
+    args: list[Arg] = [group, consumer, message_id, deliveries, error, dead_maxlen]
     return bool(await _DEAD_LETTER.run(client, [stream, dead], args))
 
 
@@ -116,3 +118,15 @@ async def prune_consumers(
     """Delete idle consumers owning no pending entry; returns their names."""
     reply = await _PRUNE.run(client, [stream], [group, min_idle_ms, keep])
     return [text(name) for name in reply]
+
+
+async def refresh(
+    client: AnyRedis, stream: KeyT, *, group: str, consumer: str, ids: Sequence[str]
+) -> int:
+    """Reset the idle time of those ``ids`` still pending for ``consumer``; returns how
+    many. Counts no delivery (XCLAIM ... JUSTID); entries others own are left alone."""
+    renewed = 0
+    for start in range(0, len(ids), _REFRESH_CHUNK):
+        chunk = ids[start : start + _REFRESH_CHUNK]
+        renewed += int(await _REFRESH.run(client, [stream], [group, consumer, *chunk]))
+    return renewed

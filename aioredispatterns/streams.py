@@ -7,18 +7,30 @@ group.messages()``). Around that it does what a worker pool on streams needs:
 
 * successes are acknowledged in batches (one ``XACK`` for many ids);
 * a failed message stays pending; messages left idle longer than ``claim_idle`` by a
-  consumer that died (or failed them) are taken over with ``XAUTOCLAIM`` and retried;
+  consumer that died or stalled (or that failed them) are taken over with
+  ``XAUTOCLAIM`` and retried;
 * a message that would be delivered more than ``max_deliveries`` times goes to a
   dead-letter stream (same hash tag, so the move is one atomic script) with its error;
-* reading stops while ``max_in_flight`` messages are unsettled (backpressure);
+* at most ``max_in_flight`` messages are read and unsettled at once (backpressure): a
+  read or a reclaim reserves room for as many messages as it asks the server for;
 * the group is re-created when it disappears (a server restart without persistence
   answers ``NOGROUP``), and idle consumers without pending entries are removed;
 * leaving the ``async with`` stops reading, lets running handlers finish up to
   ``drain_timeout``, flushes the acks and leaves everything else pending for others.
 
-Delivery is **at least once**: a handler may see a message again (its worker died after
-the handler ran but before the ack went out, or the handler outlived ``claim_idle``).
-Every :class:`StreamMessage` carries its id and delivery count so handlers can be idempotent.
+Held messages are renewed, like a lease. While a message waits in this consumer's
+buffer or its handler runs (in :meth:`ConsumerGroup.messages` mode: until your loop takes
+it), the consumer resets the message's idle time every ``claim_idle / 3`` (``XCLAIM ...
+JUSTID``, which counts no delivery), so no consumer (itself included) claims it and its
+delivery count stays put. A handler that outlives ``claim_idle`` therefore keeps its
+message for as long as its consumer process is alive and reachable; if the consumer
+dies, or stalls or loses the server for longer than ``claim_idle``, another consumer
+takes the message over after ``claim_idle``, and the stalled one does not take it back.
+
+Delivery is **at least once**: a handler may see a message again (its worker died or
+stalled after the handler ran but before the ack went out, or a message your own loop
+took stayed unacknowledged past ``claim_idle``). Every :class:`StreamMessage` carries its
+id and delivery count so handlers can be idempotent.
 
 Keys: the stream is ``<prefix>:stream:{<name>}`` and its dead-letter stream
 ``<prefix>:stream:{<name>}:dead``; one hash tag, one cluster slot.
@@ -33,22 +45,31 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Self
 
 import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from redis.typing import EncodableT
 
 from . import _streams_redis as _r
+from ._backoff import Backoff
 from ._capabilities import server_info
-from ._commands import execute, execute_blocking
-from ._connection import AnyRedis, check_client
+from ._commands import Arg, execute, execute_blocking, execute_many
+from ._connection import AnyRedis, check_client, state_of
 from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, keyspace
-from ._translate import map_redis_errors
+from ._scope import background
+from ._worker import AckBatcher, CreditWindow, Reservation
 from .errors import (
     CommandError,
     CommandTimeout,
@@ -122,7 +143,7 @@ class StreamRetention:
         ):
             raise ConfigurationError("StreamRetention.max_age must be a positive number of seconds")
 
-    def args(self) -> list[EncodableT]:
+    def args(self) -> list[Arg]:
         """The XADD trimming arguments."""
         how = "=" if self.exact else "~"
         if self.maxlen is not None:
@@ -169,14 +190,14 @@ class StreamProducer:
             raise ConfigurationError("retention must be a StreamRetention")
         self._retention = retention
 
-    def _head(self) -> list[EncodableT]:
-        head: list[EncodableT] = ["XADD", self.key]
+    def _head(self) -> list[Arg]:
+        head: list[Arg] = ["XADD", self.key]
         if self._retention is not None:
             head += self._retention.args()
         head.append("*")
         return head
 
-    def _xadd_args(self, head: list[EncodableT], fields: Mapping[str, Any]) -> list[EncodableT]:
+    def _xadd_args(self, head: list[Arg], fields: Mapping[str, Any]) -> list[Arg]:
         if not isinstance(fields, Mapping) or not fields:
             raise ConfigurationError("a message is a non-empty mapping of field names to values")
         args = head.copy()
@@ -203,7 +224,14 @@ class StreamProducer:
 
         Every message is encoded before anything is sent, so an encoding error writes
         nothing. Not a transaction: if the connection breaks midway, a prefix may have
-        been appended.
+        been appended. The batch is never re-sent (an append is not idempotent), so no
+        message is appended twice.
+
+        Raises:
+            SerializationError: a value could not be encoded (nothing was written).
+            ConnectionFailed: the connection broke; any prefix of the messages may have
+                been appended.
+            CommandTimeout: no reply in time; likewise.
 
         Cancellation: any prefix of the messages may have been appended.
         """
@@ -211,11 +239,7 @@ class StreamProducer:
         commands = [self._xadd_args(head, fields) for fields in messages]
         if not commands:
             return []
-        with map_redis_errors():
-            async with self._client.pipeline(transaction=False) as pipe:
-                for args in commands:
-                    pipe.execute_command(*args)
-                replies = await pipe.execute()
+        replies = await execute_many(self._client, commands, idempotent=False)
         return [_r.text(reply) for reply in replies]
 
 
@@ -292,12 +316,17 @@ class ConsumerPolicy:
 
     Attributes:
         concurrency: handler calls running at once (handler mode).
-        max_in_flight: messages read and not yet settled; reading pauses at this bound.
+        max_in_flight: messages read and not yet settled, counting those a read or
+            reclaim in progress has asked for; reading pauses at this bound.
         batch_size: the COUNT of one XREADGROUP / XAUTOCLAIM.
         block: seconds one XREADGROUP waits for new messages.
-        claim_idle: seconds a pending message must sit idle before another consumer
-            takes it over. Keep it above your slowest handler, or a slow message is
-            handed to a second worker while the first still runs.
+        claim_idle: seconds a pending message must go without renewal before a
+            consumer takes it over. A live consumer renews the messages it holds
+            (buffered, or with a handler running) every ``claim_idle / 3``, so a slow
+            handler keeps its message; ``claim_idle`` is how long the messages of a
+            consumer that died or stalled wait for another one, and about how long a
+            failed message waits for its retry. Keep it well above the pauses a
+            healthy process may have (GC, a busy event loop, a brief network blip).
         claim_interval: seconds between reclaim scans (default ``claim_idle / 2``).
         max_deliveries: deliveries a message gets before it is dead-lettered.
         drain_timeout: on shutdown, seconds running handlers get to finish.
@@ -366,7 +395,10 @@ class GroupStats:
         recreated: times the group was found missing and created again.
         consumers_removed: idle consumers removed by hygiene.
         read_errors: reads that failed (connection lost ...) and were retried.
-        in_flight: messages read and not yet settled, right now.
+        in_flight: messages read and not yet settled, right now (never more than
+            ``max_in_flight``).
+        refreshed: renewals of held messages (one per message per renewal): each reset
+            the message's idle time so that no other consumer claims it.
     """
 
     processed: int = 0
@@ -379,6 +411,7 @@ class GroupStats:
     consumers_removed: int = 0
     read_errors: int = 0
     in_flight: int = 0
+    refreshed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,24 +454,11 @@ class _Counters:
     recreated: int
     consumers_removed: int
     read_errors: int
+    refreshed: int
 
 
 def _default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-@dataclass
-class _Backoff:
-    base: float = 0.05
-    cap: float = 1.0
-    attempt: int = field(default=0)
-
-    async def sleep(self) -> None:
-        await anyio.sleep(min(self.cap, self.base * (2**self.attempt)))
-        self.attempt = min(self.attempt + 1, 10)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class ConsumerGroup(anyio.AsyncContextManagerMixin):
@@ -449,6 +469,14 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
     ``policy.concurrency`` at once); a handler that returns acknowledges the message, one
     that raises leaves it pending for a retry after ``policy.claim_idle``. Without a
     handler, iterate :meth:`messages` and call :meth:`ack` yourself.
+
+    While a message waits in this consumer's buffer or its handler runs, the consumer
+    renews it every ``claim_idle / 3`` (its idle time is reset without counting a
+    delivery), so nobody claims it, this consumer included: a handler that outlives
+    ``claim_idle`` keeps its message as long as this process is alive and reaches the
+    server. If it dies, or stalls or loses the server for longer than ``claim_idle``,
+    another consumer takes its messages over after ``claim_idle``; renewals never take a
+    message back from the consumer that claimed it.
 
     Args:
         client: a redis.asyncio client (see :func:`aioredispatterns.connect`). Each
@@ -466,12 +494,18 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
     Raises:
         ConfigurationError: bad names, policy or serializer (before any command).
 
+    What leaves the ``async with``: the body's own exception as itself; a failure of the
+    group's background work (a reply it cannot handle, a script error) as one
+    :class:`~aioredispatterns.RedisPatternsError`, after the same graceful shutdown; or
+    cancellation. Never an ``ExceptionGroup``.
+
     Cancellation: cancelling the ``async with`` body (or :meth:`run`) starts the same
     graceful shutdown as leaving it: reading stops, running handlers get
-    ``drain_timeout`` seconds (shielded) to finish, finished ones are acknowledged, the
-    rest stay pending for another consumer. A blocking read cancelled mid-flight closes
-    its connection; messages the server delivered to it stay in this consumer's pending
-    list and are reclaimed after ``claim_idle``. Nothing is ever acknowledged unprocessed.
+    ``drain_timeout`` seconds (shielded; their messages are still renewed) to finish,
+    finished ones are acknowledged, the rest stay pending for another consumer. A
+    blocking read cancelled mid-flight closes its connection; messages the server
+    delivered to it stay in this consumer's pending list and are reclaimed after
+    ``claim_idle``. Nothing is ever acknowledged unprocessed.
     """
 
     def __init__(
@@ -505,42 +539,54 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
         self._serializer = check_serializer(serializer or default_serializer())
         self._counts = _Counters()
         self._running = False
+        # A read or reclaim waits for at least this much room: resuming after every
+        # single settled message would turn into requests of COUNT 1.
+        self._worthwhile = max(1, self.policy.batch_size // 4)
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
-        self._in_flight = 0
-        self._room: anyio.Event | None = None
-        self._active: set[str] = set()
-        self._acks: list[str] = []
-        self._ack_wanted = anyio.Event()
-        self._ack_lock = anyio.Lock()
+        # Room for max_in_flight messages, counting those a read or reclaim asked for.
+        self._window = CreditWindow(self.policy.max_in_flight)
+        # What this consumer holds, renewed every claim_idle / 3: messages in the buffer
+        # and messages whose handler runs.
+        self._buffered: set[str] = set()
+        self._handling: set[str] = set()
+        self._acks = AckBatcher(
+            self._xack,
+            backoff=self._new_backoff(),
+            name=f"{self.group}/{self.consumer}",
+            logger=logger,
+        )
         self._stopping = False
         self._group_lock = anyio.Lock()
         self._send: MemoryObjectSendStream[StreamMessage] | None = None
         self._receive: MemoryObjectReceiveStream[StreamMessage] | None = None
 
+    def _new_backoff(self) -> Backoff:
+        state = state_of(self._client)
+        return Backoff(base=state.backoff_base, cap=state.backoff_cap)
+
     # ------------------------------------------------------------------ public API
 
     @property
     def stats(self) -> GroupStats:
-        """A snapshot of this consumer's counters."""
+        """A snapshot of this consumer's counters (a plain read: nothing to cancel)."""
         counts = {name: getattr(self._counts, name) for name in _Counters.__slots__}
-        return GroupStats(**counts, in_flight=self._in_flight)
+        return GroupStats(**counts, in_flight=self._window.in_flight)
 
     def ack(self, *messages: StreamMessage | str) -> None:
         """Acknowledge messages (or ids): queued and sent in the next batched XACK.
 
         The batch goes out within one round trip; the final batch is flushed on
-        shutdown. Acknowledging twice is harmless.
+        shutdown. Acknowledging twice is harmless. Not a coroutine: nothing to cancel;
+        what is queued is sent even if the caller is cancelled right after.
 
         Raises:
             StreamError: the group is not running.
         """
         if not self._running:
             raise StreamError("ack() needs the group running (inside its async with)")
-        for message in messages:
-            self._acks.append(message.id if isinstance(message, StreamMessage) else message)
-        self._ack_wanted.set()
+        self._acks.add(m.id if isinstance(m, StreamMessage) else m for m in messages)
 
     async def reject(self, message: StreamMessage, error: Exception) -> None:
         """Report that processing ``message`` failed (for :meth:`messages` loops).
@@ -560,14 +606,18 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
     def messages(self) -> AsyncIterator[StreamMessage]:
         """Iterate the messages delivered to this consumer (when there is no handler).
 
-        Acknowledge each with :meth:`ack` once processed, or :meth:`reject` it; an
-        unacknowledged message stays pending and is delivered again (here or elsewhere)
-        after ``claim_idle``. The
-        iteration ends when the group shuts down. Backpressure: reading pauses while
-        ``max_in_flight`` messages wait to be taken from this iterator.
+        Acknowledge each with :meth:`ack` once processed, or :meth:`reject` it. A
+        message is renewed (kept from other consumers) while it waits to be taken from
+        this iterator; once taken, it is yours: unacknowledged, it is delivered again
+        (here or elsewhere) about ``claim_idle`` after it was taken. The iteration ends
+        when the group shuts down. Backpressure: reading pauses while ``max_in_flight``
+        messages wait to be taken from this iterator.
 
         Raises:
             StreamError: the group has a handler, or is not running.
+
+        Cancellation: cancelling a wait for the next message takes nothing from the
+        buffer; the next iteration gets it.
         """
         if self._handler is not None:
             raise StreamError("messages() is for groups without a handler")
@@ -580,6 +630,8 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
 
         Raises:
             StreamError: the group does not exist.
+
+        Cancellation: read only; nothing is left behind.
         """
         try:
             groups = await execute(self._client, "XINFO", "GROUPS", self.key)
@@ -604,7 +656,10 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
         )
 
     async def dead_letters(self, count: int = 100) -> list[DeadLetter]:
-        """The oldest ``count`` entries of the dead-letter stream (read only)."""
+        """The oldest ``count`` entries of the dead-letter stream (read only).
+
+        Cancellation: read only; nothing is left behind.
+        """
         reply = await execute(
             self._client, "XRANGE", self.dead_letter_key, "-", "+", "COUNT", count
         )
@@ -649,11 +704,15 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
         self._send, self._receive = send, receive
         self._running = True
         try:
-            async with anyio.create_task_group() as tg:
+            async with background("ConsumerGroup") as tg:
                 workers_done = anyio.Event()
+                # Shielded: cancelling the group must not interrupt running handlers or
+                # the renewal of their messages; the shutdown ends both itself.
                 work_scope = anyio.CancelScope(shield=True)
+                refresh_scope = anyio.CancelScope(shield=True)
                 intake_scope = anyio.CancelScope()
-                tg.start_soon(self._ack_loop)
+                tg.start_soon(self._acks.run)
+                tg.start_soon(self._refresh_loop, refresh_scope)
                 tg.start_soon(self._intake, intake_scope)
                 if self._handler is not None:
                     tg.start_soon(self._work, self._handler, receive, work_scope, workers_done)
@@ -662,9 +721,11 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
                 try:
                     yield self
                 finally:
-                    with anyio.CancelScope(shield=True):
-                        await self._shutdown(intake_scope, work_scope, workers_done)
-                    tg.cancel_scope.cancel()
+                    try:
+                        with anyio.CancelScope(shield=True):
+                            await self._shutdown(intake_scope, work_scope, workers_done)
+                    finally:
+                        refresh_scope.cancel()
         finally:
             self._running = False
             send.close()
@@ -678,11 +739,13 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
     ) -> None:
         # Order matters: stop taking new messages, let running handlers end (their
         # acks join the queue), then flush the queue. Buffered messages that no handler
-        # started stay pending: another consumer reclaims them after claim_idle.
+        # started are no longer renewed: they stay pending and another consumer
+        # reclaims them after claim_idle.
         self._stopping = True
         intake_scope.cancel()
         assert self._send is not None
         self._send.close()
+        self._buffered.clear()
         with anyio.move_on_after(self.policy.drain_timeout):
             await workers_done.wait()
         if not workers_done.is_set():
@@ -696,19 +759,13 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
             work_scope.cancel()
             with anyio.move_on_after(self.policy.ack_timeout):
                 await workers_done.wait()
-        with anyio.move_on_after(self.policy.ack_timeout):
-            while self._acks:
-                try:
-                    await self._flush_acks()
-                except (ConnectionFailed, CommandTimeout) as exc:
-                    logger.warning("%s/%s: final XACK failed: %s", self.group, self.consumer, exc)
-                    await anyio.sleep(0.05)
-        if self._acks:
+        unsent = await self._acks.close(self.policy.ack_timeout)
+        if unsent:
             logger.warning(
                 "%s/%s: %d acknowledgements could not be sent; those messages stay pending",
                 self.group,
                 self.consumer,
-                len(self._acks),
+                unsent,
             )
 
     # ------------------------------------------------------------------ intake
@@ -721,36 +778,37 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
                 if self.policy.consumer_idle is not None:
                     tg.start_soon(self._hygiene_loop, self.policy.consumer_idle)
 
-    def _free(self) -> int:
-        return self.policy.max_in_flight - self._in_flight
-
-    async def _wait_for_room(self, wanted: int) -> None:
-        # Resume reading only once a worthwhile batch fits, not after every single
-        # settled message (which would turn into reads of COUNT 1).
-        wanted = max(1, min(wanted, self.policy.max_in_flight))
-        while self._free() < wanted:
-            if self._room is None:  # one event shared by every waiter
-                self._room = anyio.Event()
-            await self._room.wait()
-
-    def _settled(self) -> None:
-        self._in_flight -= 1
-        room = self._room
-        if room is not None:
-            self._room = None
-            room.set()
-
-    def _dispatch(self, message_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> None:
+    def _dispatch(
+        self, credits: Reservation, message_id: bytes, fields: dict[bytes, bytes], deliveries: int
+    ) -> bool:
+        """Hand one delivered entry to the workers; False if it was left pending."""
         assert self._send is not None
         if self._stopping:
             # A read that completed just as shutdown began: the entry stays in this
             # consumer's pending list and is reclaimed after claim_idle.
-            return
+            return False
         text_id = message_id.decode()
-        message = StreamMessage(text_id, fields, deliveries, self._serializer)
-        self._in_flight += 1
-        self._active.add(text_id)
-        self._send.send_nowait(message)
+        if text_id in self._buffered or text_id in self._handling:
+            # Held here already (renewals lagged behind a paused event loop, say): never
+            # hand it out a second time.
+            return False
+        if not credits.take():
+            # More entries than asked for: cannot happen with a server that honours
+            # COUNT; the entry stays pending rather than overflow the buffer.
+            logger.warning("%s/%s: unrequested entry %s", self.group, self.consumer, text_id)
+            return False
+        self._buffered.add(text_id)
+        # Cannot block: the buffer has max_in_flight slots and every message in it holds
+        # one of the window's max_in_flight credits.
+        self._send.send_nowait(StreamMessage(text_id, fields, deliveries, self._serializer))
+        return True
+
+    def _taken(self, message: StreamMessage) -> None:
+        """``message`` left the buffer for the user's own loop (messages() mode)."""
+        self._buffered.discard(message.id)
+        self._window.settle()
+        if message.deliveries > 1:
+            self._counts.retried += 1
 
     async def _ensure_group(self, cause: BaseException) -> None:
         async with self._group_lock:
@@ -767,100 +825,139 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
     async def _read_loop(self) -> None:
         policy = self.policy
         block_ms = max(1, int(policy.block * 1000))
-        low_water = max(1, policy.batch_size // 4)
-        backoff = _Backoff()
+        backoff = self._new_backoff()
         while True:
-            await self._wait_for_room(low_water)
-            count = min(policy.batch_size, self._free())
-            try:
-                reply = await execute_blocking(
-                    self._client,
-                    "XREADGROUP",
-                    "GROUP",
-                    self.group,
-                    self.consumer,
-                    "COUNT",
-                    count,
-                    "BLOCK",
-                    block_ms,
-                    "STREAMS",
-                    self.key,
-                    ">",
-                    block=policy.block,
-                )
-            except CommandError as exc:
-                if not _r.is_nogroup(exc):
-                    raise
-                await self._recover(exc, backoff)
-                continue
-            except (ConnectionFailed, CommandTimeout) as exc:
-                self._counts.read_errors += 1
-                logger.warning("%s/%s: read failed, retrying: %s", self.group, self.consumer, exc)
-                await backoff.sleep()
-                continue
-            backoff.reset()
-            for message_id, fields in _r.read_entries(reply):
-                self._dispatch(message_id, fields, 1)
+            failure: RedisPatternsError | None = None
+            # Room for COUNT messages is reserved before asking: whatever the reclaim
+            # loop takes meanwhile, this read's reply fits.
+            async with self._window.reserve(policy.batch_size, at_least=self._worthwhile) as room:
+                try:
+                    reply = await execute_blocking(
+                        self._client,
+                        "XREADGROUP",
+                        "GROUP",
+                        self.group,
+                        self.consumer,
+                        "COUNT",
+                        room.granted,
+                        "BLOCK",
+                        block_ms,
+                        "STREAMS",
+                        self.key,
+                        ">",
+                        block=policy.block,
+                    )
+                except (CommandError, ConnectionFailed, CommandTimeout) as exc:
+                    failure = exc
+                else:
+                    backoff.reset()
+                    for message_id, fields in _r.read_entries(reply):
+                        self._dispatch(room, message_id, fields, 1)
+            if failure is not None:
+                await self._after_failure(failure, backoff, "read")
 
-    async def _recover(self, cause: BaseException, backoff: _Backoff) -> None:
-        try:
-            await self._ensure_group(cause)
-        except (ConnectionFailed, CommandTimeout) as exc:
+    async def _after_failure(
+        self, failure: RedisPatternsError, backoff: Backoff, what: str
+    ) -> None:
+        """Recover from a failed read or reclaim, or raise what cannot be recovered from."""
+        if isinstance(failure, CommandError):
+            if not _r.is_nogroup(failure):
+                raise failure
+            try:
+                await self._ensure_group(failure)
+            except (ConnectionFailed, CommandTimeout) as exc:
+                failure = exc
+            else:
+                return
+        if what == "read":
             self._counts.read_errors += 1
-            logger.warning("%s/%s: cannot re-create group: %s", self.group, self.consumer, exc)
-            await backoff.sleep()
+        logger.warning("%s/%s: %s failed, retrying: %s", self.group, self.consumer, what, failure)
+        await backoff.sleep()
 
     async def _reclaim_loop(self) -> None:
         policy = self.policy
         min_idle_ms = max(1, int(policy.claim_idle * 1000))
         dead_maxlen = policy.dead_letter_maxlen or 0
         cursor = _NO_PENDING
-        backoff = _Backoff()
+        backoff = self._new_backoff()
         while True:
             if cursor == _NO_PENDING:
                 await anyio.sleep(policy.reclaim_every)
-            await self._wait_for_room(1)
-            try:
-                cursor, claimed, dead = await _r.reclaim(
-                    self._client,
-                    self.key,
-                    self.dead_letter_key,
-                    group=self.group,
-                    consumer=self.consumer,
-                    min_idle_ms=min_idle_ms,
-                    cursor=cursor,
-                    count=min(policy.batch_size, self._free()),
-                    max_deliveries=policy.max_deliveries,
-                    dead_maxlen=dead_maxlen,
-                )
-            except CommandError as exc:
-                cursor = _NO_PENDING
-                if not _r.is_nogroup(exc):
-                    raise
-                await self._recover(exc, backoff)
-                continue
-            except (ConnectionFailed, CommandTimeout) as exc:
-                cursor = _NO_PENDING
-                logger.warning("%s/%s: reclaim failed: %s", self.group, self.consumer, exc)
-                await backoff.sleep()
-                continue
-            backoff.reset()
+            failure: RedisPatternsError | None = None
+            async with self._window.reserve(policy.batch_size, at_least=self._worthwhile) as room:
+                try:
+                    cursor, claimed, dead = await _r.reclaim(
+                        self._client,
+                        self.key,
+                        self.dead_letter_key,
+                        group=self.group,
+                        consumer=self.consumer,
+                        min_idle_ms=min_idle_ms,
+                        cursor=cursor,
+                        count=room.granted,
+                        max_deliveries=policy.max_deliveries,
+                        dead_maxlen=dead_maxlen,
+                    )
+                except (CommandError, ConnectionFailed, CommandTimeout) as exc:
+                    cursor = _NO_PENDING
+                    failure = exc
+                else:
+                    backoff.reset()
+                    self._count_dead(dead)
+                    for message_id, fields, deliveries in claimed:
+                        if self._dispatch(room, message_id, fields, deliveries):
+                            self._counts.claimed += 1
+            if failure is not None:
+                await self._after_failure(failure, backoff, "reclaim")
+
+    def _count_dead(self, dead: int) -> None:
+        if dead:
             self._counts.dead_lettered += dead
-            if dead:
-                logger.warning(
-                    "%s/%s: dead-lettered %d messages that exceeded max_deliveries=%d",
-                    self.group,
-                    self.consumer,
-                    dead,
-                    policy.max_deliveries,
-                )
-            for message_id, fields, deliveries in claimed:
-                # A message still queued or being handled here (a slow handler, a long
-                # queue) can come back to us: do not hand it out a second time.
-                if message_id.decode() in self._active:
-                    continue
-                self._counts.claimed += 1
-                self._dispatch(message_id, fields, deliveries)
+            logger.warning(
+                "%s/%s: dead-lettered %d messages that exceeded max_deliveries=%d",
+                self.group,
+                self.consumer,
+                dead,
+                self.policy.max_deliveries,
+            )
+
+    async def _refresh_loop(self, scope: anyio.CancelScope) -> None:
+        # The lease renewal of held messages: without it their idle time would count
+        # from delivery, and once past claim_idle the reclaim (ours or another
+        # consumer's) would claim them again while they wait here, each claim counting
+        # a delivery towards max_deliveries.
+        period = max(self.policy.claim_idle / 3, 0.01)
+        backoff = self._new_backoff()
+        with scope:
+            while True:
+                await anyio.sleep(period)
+                while True:
+                    held = [*self._buffered, *self._handling]
+                    if not held:
+                        break
+                    try:
+                        renewed = await _r.refresh(
+                            self._client,
+                            self.key,
+                            group=self.group,
+                            consumer=self.consumer,
+                            ids=held,
+                        )
+                    except CommandError as exc:
+                        if not _r.is_nogroup(exc):
+                            raise
+                        # The group is gone, and with it what we held; the read loop
+                        # re-creates it.
+                        break
+                    except (ConnectionFailed, CommandTimeout) as exc:
+                        logger.warning(
+                            "%s/%s: renewal failed, retrying: %s", self.group, self.consumer, exc
+                        )
+                        await backoff.sleep()
+                    else:
+                        backoff.reset()
+                        self._counts.refreshed += renewed
+                        break
 
     async def _hygiene_loop(self, consumer_idle: float) -> None:
         min_idle_ms = max(1, int(consumer_idle * 1000))
@@ -906,7 +1003,9 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
         self, handler: Handler, receive: MemoryObjectReceiveStream[StreamMessage]
     ) -> None:
         counts = self._counts
-        active = self._active
+        window = self._window
+        buffered = self._buffered
+        handling = self._handling
         while True:
             # Take what is already buffered without a checkpoint per message (the
             # buffer is bounded, so this cannot starve the reader for long).
@@ -919,9 +1018,12 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
                     return
             except (anyio.EndOfStream, anyio.ClosedResourceError):
                 return
-            if self._stopping:
-                return
             message_id = message.id
+            buffered.discard(message_id)
+            if self._stopping:
+                window.settle()
+                return
+            handling.add(message_id)
             try:
                 if message.deliveries > 1:
                     counts.retried += 1
@@ -931,12 +1033,10 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
                 await self._failed(message, exc)
             else:
                 counts.processed += 1
-                self._acks.append(message_id)
-                if not self._ack_wanted.is_set():
-                    self._ack_wanted.set()
+                self._acks.add((message_id,))
             finally:
-                active.discard(message_id)
-                self._settled()
+                handling.discard(message_id)
+                window.settle()
 
     async def _failed(self, message: StreamMessage, exc: Exception) -> None:
         if message.deliveries < self.policy.max_deliveries:
@@ -979,42 +1079,14 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
 
     # ------------------------------------------------------------------ acks
 
-    async def _ack_loop(self) -> None:
-        backoff = _Backoff()
-        while True:
-            await self._ack_wanted.wait()
-            self._ack_wanted = anyio.Event()
-            if not self._acks:
-                continue
-            try:
-                await self._flush_acks()
-            except (ConnectionFailed, CommandTimeout) as exc:
-                logger.warning("%s/%s: XACK failed, retrying: %s", self.group, self.consumer, exc)
-                self._ack_wanted.set()
-                await backoff.sleep()
-            else:
-                backoff.reset()
-
-    async def _flush_acks(self) -> None:
-        # One XACK at a time: the final flush on shutdown waits for the ack loop's
-        # batch in flight instead of racing it.
-        async with self._ack_lock:
-            await self._send_acks()
-
-    async def _send_acks(self) -> None:
-        ids, self._acks = self._acks, []
-        if not ids:
-            return
+    async def _xack(self, ids: Sequence[str]) -> None:
+        """One batch of the ack batcher: XACK is idempotent, so it may be re-sent."""
         try:
             acked = await execute(self._client, "XACK", self.key, self.group, *ids)
         except CommandError as exc:
             if _r.is_nogroup(exc):
                 # The group and its pending list are gone (restart): nothing to ack.
                 return
-            raise
-        except BaseException:
-            # Unknown whether it landed; XACK is idempotent, so send these again.
-            self._acks[:0] = ids
             raise
         self._counts.acked += int(acked)
 
@@ -1041,8 +1113,8 @@ class _MessageIterator:
             message = await self._receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise StopAsyncIteration from None
-        group._settled()
-        group._active.discard(message.id)
-        if message.deliveries > 1:
-            group._counts.retried += 1
+        group._taken(message)
+        if group._stopping:
+            # Shutdown began while this was being taken: it stays pending.
+            raise StopAsyncIteration
         return message

@@ -8,8 +8,9 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import anyio
@@ -19,6 +20,9 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from aioredispatterns import ConfigurationError, connect
+from aioredispatterns._backoff import Backoff
+from aioredispatterns._worker import AckBatcher, CreditWindow
+from aioredispatterns.errors import CommandError, CommandTimeout, ConnectionFailed
 from aioredispatterns.streams import (
     ConsumerGroup,
     ConsumerPolicy,
@@ -28,7 +32,7 @@ from aioredispatterns.streams import (
     StreamProducer,
     StreamRetention,
 )
-from aioredispatterns.testing import RedisServer, borrowed_connections
+from aioredispatterns.testing import FaultProxy, RedisServer, borrowed_connections
 
 WORKER = Path(__file__).with_name("_streams_worker.py")
 
@@ -662,3 +666,482 @@ async def test_works_over_resp3(redis_url: str, key_prefix: str) -> None:
         await flow_with_one_poison(client, key_prefix, 20, 5)
     finally:
         await client.aclose()
+
+
+# --------------------------------------------------------------------------- async-with contract
+
+
+async def test_body_exception_comes_out_as_itself(redis_client: Redis, key_prefix: str) -> None:
+    policy = ConsumerPolicy(**FAST)  # type: ignore[arg-type]
+    group = ConsumerGroup(redis_client, "jobs", "g", prefix=key_prefix, policy=policy)
+    with anyio.fail_after(30), pytest.raises(KeyError, match="from the body"):
+        async with group:
+            raise KeyError("from the body")
+    assert not borrowed_connections(redis_client)
+
+
+async def test_cancelling_the_body_comes_out_as_cancellation(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    await produce(redis_client, key_prefix, 5)
+    handled: list[str] = []
+
+    async def handle(message: StreamMessage) -> None:
+        handled.append(message.id)
+
+    policy = ConsumerPolicy(**FAST)  # type: ignore[arg-type]
+    group = ConsumerGroup(
+        redis_client, "jobs", "g", handler=handle, prefix=key_prefix, policy=policy
+    )
+    with anyio.fail_after(30):
+        with anyio.CancelScope() as scope:
+            async with group:
+                await wait_until(lambda: len(handled) == 5)
+                scope.cancel()
+                await anyio.sleep_forever()
+        assert scope.cancelled_caught
+        await wait_until(lambda: _no_pending(group))  # the final flush acked them
+    assert not borrowed_connections(redis_client)
+
+
+async def test_background_failure_comes_out_as_one_library_error(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    policy = ConsumerPolicy(**FAST)  # type: ignore[arg-type]
+    group = ConsumerGroup(redis_client, "jobs", "g", prefix=key_prefix, policy=policy)
+
+    async def run_until_it_fails() -> None:
+        async with group:
+            # The stream becomes a string: every read now fails with WRONGTYPE.
+            await redis_client.delete(group.key)
+            await redis_client.set(group.key, "not a stream")
+            await anyio.sleep_forever()
+
+    with anyio.fail_after(30), pytest.raises(CommandError):  # not an ExceptionGroup
+        await run_until_it_fails()
+    assert not borrowed_connections(redis_client)
+
+
+# --------------------------------------------------------------------------- intake credits
+
+
+@pytest.mark.parametrize("mode", ["handler", "messages"])
+async def test_reads_and_reclaims_together_never_exceed_max_in_flight(
+    redis_client: Redis, key_prefix: str, mode: str
+) -> None:
+    # A blocked XREADGROUP COUNT 100 is outstanding while the reclaim loop takes over a
+    # dead consumer's 300 entries; then one message arrives for the read. Both must have
+    # reserved what they ask for, or the buffer overflows (and the group dies).
+    ids = await produce(redis_client, key_prefix, 300)
+    producer = StreamProducer(redis_client, "jobs", prefix=key_prefix)
+    await redis_client.xgroup_create(producer.key, "g", id="0")
+    await redis_client.xreadgroup("g", "dead", {producer.key: ">"}, count=300)
+    release = anyio.Event()
+    seen: list[str] = []
+    peak = 0
+
+    async def handle(message: StreamMessage) -> None:
+        seen.append(message.id)
+        await release.wait()
+
+    policy = ConsumerPolicy(block=5, claim_idle=0.2, claim_interval=0.05)
+    assert policy.max_in_flight == 256
+    assert policy.batch_size == 100
+    group = ConsumerGroup(
+        redis_client,
+        "jobs",
+        "g",
+        handler=handle if mode == "handler" else None,
+        prefix=key_prefix,
+        policy=policy,
+    )
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, group.stats.in_flight)
+            await anyio.sleep(0.001)
+
+    with anyio.fail_after(60):
+        async with group, anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            await wait_until(lambda: group.stats.claimed >= 156)
+            await anyio.sleep(0.3)  # the reclaim loop takes whatever it may
+            ids.append(await producer.add({"n": 300}))
+            if mode == "handler":
+                await anyio.sleep(0.3)
+                release.set()
+            else:
+                async for message in group.messages():
+                    seen.append(message.id)
+                    group.ack(message)
+                    if len(seen) == len(ids):
+                        break
+            await wait_until(lambda: group.stats.acked == len(ids), within=30)
+            tg.cancel_scope.cancel()
+    assert peak <= policy.max_in_flight
+    assert sorted(seen, key=by_id) == ids  # each exactly once
+    assert await pending_ids(redis_client, producer.key, "g") == set()
+
+
+# --------------------------------------------------------------------------- held messages
+
+
+async def test_a_healthy_consumer_never_reclaims_what_it_holds(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    # One slow consumer: most messages wait in its own buffer far longer than
+    # claim_idle. They must not be claimed again (each claim counts a delivery), let
+    # alone dead-lettered while they wait.
+    total = 150
+    ids = await produce(redis_client, key_prefix, total)
+    deliveries: dict[str, list[int]] = {}
+
+    async def handle(message: StreamMessage) -> None:
+        deliveries.setdefault(message.id, []).append(message.deliveries)
+        await anyio.sleep(0.04)
+
+    policy = ConsumerPolicy(concurrency=1, block=0.1, claim_idle=0.6, max_deliveries=3)
+    async with ConsumerGroup(
+        redis_client, "jobs", "g", handler=handle, prefix=key_prefix, policy=policy
+    ) as group:
+        await wait_until(lambda: len(deliveries) == total, within=90)
+        await wait_until(lambda: _no_pending(group), within=30)
+        info = await group.info()
+        stats = group.stats
+    assert info.dead_letters == 0
+    assert stats.dead_lettered == 0
+    assert stats.claimed == 0
+    assert sorted(deliveries, key=by_id) == ids
+    assert all(seen == [1] for seen in deliveries.values())  # once each, first delivery
+    assert stats.processed == stats.acked == total
+
+
+async def test_a_handler_that_outlives_claim_idle_keeps_its_message(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    [message_id] = await produce(redis_client, key_prefix, 1)
+    started = anyio.Event()
+    finish = anyio.Event()
+    calls_a: list[StreamMessage] = []
+    calls_b: list[StreamMessage] = []
+
+    async def slow(message: StreamMessage) -> None:
+        calls_a.append(message)
+        started.set()
+        await finish.wait()
+
+    async def other(message: StreamMessage) -> None:
+        calls_b.append(message)
+
+    policy = ConsumerPolicy(block=0.1, claim_idle=0.5, claim_interval=0.1)
+    with anyio.fail_after(30):
+        async with ConsumerGroup(
+            redis_client, "jobs", "g", handler=slow, consumer="a", prefix=key_prefix, policy=policy
+        ) as a:
+            await started.wait()
+            async with ConsumerGroup(
+                redis_client,
+                "jobs",
+                "g",
+                handler=other,
+                consumer="b",
+                prefix=key_prefix,
+                policy=policy,
+            ) as b:
+                await anyio.sleep(2.0)  # four times claim_idle: "a" is alive and holds it
+                assert calls_b == []
+                assert b.stats.claimed == 0
+                [row] = await redis_client.xpending_range(a.key, "g", "-", "+", 10)
+                assert row["consumer"] == b"a"
+                assert row["times_delivered"] == 1  # kept without being claimed again
+                assert a.stats.claimed == 0
+                assert a.stats.refreshed > 0
+                finish.set()
+                await wait_until(lambda: a.stats.acked == 1)
+    assert [(m.id, m.deliveries) for m in calls_a] == [(message_id, 1)]
+    assert calls_b == []
+    assert await pending_ids(redis_client, a.key, "g") == set()
+
+
+async def test_a_stalled_consumer_loses_its_messages_after_claim_idle(
+    redis_client: Redis, redis_url: str, key_prefix: str
+) -> None:
+    # Consumer "a" runs in a process of its own; its handlers hold their messages for an
+    # hour. While it runs, its renewals keep "b" off them; once it is frozen (SIGSTOP:
+    # alive, connected, but renewing nothing) "b" takes them over after claim_idle.
+    total = 50
+    ids = await produce(redis_client, key_prefix, total)
+    key = StreamProducer(redis_client, "jobs", prefix=key_prefix).key
+    done_a = f"{key_prefix}:done:a"
+    claim_idle = 1.5
+    command = [
+        sys.executable,
+        str(WORKER),
+        redis_url,
+        key_prefix,
+        "jobs",
+        "g",
+        "a",
+        done_a,
+        str(claim_idle),
+        "3600",
+    ]
+    got_b: dict[str, int] = {}
+
+    async def handle(message: StreamMessage) -> None:
+        got_b[message.id] = message.deliveries
+
+    policy = ConsumerPolicy(block=0.1, claim_idle=claim_idle, claim_interval=0.1)
+    async with await anyio.open_process(command, stdout=None, stderr=None) as worker:
+        try:
+            await wait_until(lambda: _list_at_least(redis_client, done_a, 32), within=30)
+            held = await pending_ids(redis_client, key, "g", "a")
+            assert held == set(ids)
+            async with ConsumerGroup(
+                redis_client,
+                "jobs",
+                "g",
+                handler=handle,
+                consumer="b",
+                prefix=key_prefix,
+                policy=policy,
+            ) as b:
+                await anyio.sleep(3 * claim_idle)
+                assert b.stats.claimed == 0  # "a" is alive and renews what it holds
+                worker.send_signal(signal.SIGSTOP)
+                await wait_until(lambda: len(got_b) == total, within=30)
+                await wait_until(lambda: _no_pending(b), within=30)
+                assert b.stats.claimed == total
+        finally:
+            worker.kill()
+            await worker.wait()
+    assert set(got_b) == set(ids)
+    assert set(got_b.values()) == {2}  # a's renewals counted no delivery
+
+
+# --------------------------------------------------------------------------- producer faults
+
+
+async def test_add_many_is_never_resent_after_a_connection_failure(
+    redis_server: RedisServer, redis_client: Redis, key_prefix: str
+) -> None:
+    if not redis_server.owned:
+        pytest.skip("puts a FaultProxy in front of a server this suite started")
+    total = 200
+    with FaultProxy(redis_server.port) as proxy:
+        client = connect(proxy.url)
+        try:
+            producer = StreamProducer(client, "jobs", prefix=key_prefix)
+            await client.ping()  # open the connections before the fault is armed
+            await producer.add({"n": -1})
+            proxy.cut_after_bytes(1000)  # about 45 XADD replies, then the connection dies
+            with anyio.fail_after(30), pytest.raises(ConnectionFailed):
+                await producer.add_many({"n": n} for n in range(total))
+        finally:
+            await client.aclose()
+    entries = await redis_client.xrange(producer.key) or []
+    values = [fields[b"n"] for _, fields in entries if fields is not None]
+    assert len(values) == len(set(values)), "a message of the batch was appended twice"
+    assert len(values) <= total + 1
+
+
+# --------------------------------------------------------------------------- backoff
+
+
+async def test_transient_errors_back_off_through_the_shared_backoff(
+    redis_server: RedisServer, redis_client: Redis, key_prefix: str, monkeypatch: Any
+) -> None:
+    if not redis_server.owned:
+        pytest.skip("puts a FaultProxy in front of a server this suite started")
+    callers: set[str] = set()
+    real_sleep = Backoff.sleep
+
+    async def spy(self: Backoff) -> None:
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:  # the chain of awaiting coroutines
+            callers.add(frame.f_code.co_qualname)
+            frame = frame.f_back
+        await real_sleep(self)
+
+    monkeypatch.setattr(Backoff, "sleep", spy)
+    ids = await produce(redis_client, key_prefix, 10)
+    gate = anyio.Event()
+
+    async def handle(message: StreamMessage) -> None:
+        await gate.wait()
+
+    policy = ConsumerPolicy(**FAST)  # type: ignore[arg-type]
+    with FaultProxy(redis_server.port) as proxy:
+        client = connect(proxy.url, socket_timeout=1, connect_timeout=1)
+        try:
+            with anyio.fail_after(60):
+                async with ConsumerGroup(
+                    client, "jobs", "g", handler=handle, prefix=key_prefix, policy=policy
+                ) as group:
+                    await wait_until(lambda: group.stats.in_flight == len(ids))
+                    proxy.stop()  # every connection cut, new ones refused
+                    gate.set()  # the handlers finish: their XACK fails too
+                    loops = {
+                        "ConsumerGroup._read_loop",
+                        "ConsumerGroup._reclaim_loop",
+                        "AckBatcher.run",
+                    }
+                    await wait_until(lambda: loops <= callers, within=30)
+                    proxy.start()  # same port
+                    await wait_until(lambda: group.stats.acked == len(ids), within=30)
+        finally:
+            await client.aclose()
+    assert await pending_ids(redis_client, group.key, "g") == set()
+
+
+# --------------------------------------------------------------------------- worker machinery
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    limit=st.integers(1, 12),
+    requests=st.lists(
+        st.tuples(
+            st.integers(1, 20),  # wanted
+            st.integers(1, 20),  # at least
+            st.integers(0, 20),  # items that arrive
+            st.integers(0, 3),  # checkpoints before the reply
+            st.integers(0, 4),  # checkpoints an item stays in flight
+            st.booleans(),  # cancelled while it waits or holds its credits
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+)
+async def test_credit_window_never_over_admits(
+    limit: int, requests: list[tuple[int, int, int, int, int, bool]]
+) -> None:
+    window = CreditWindow(limit)
+    violations: list[str] = []
+
+    def check() -> None:
+        if window.in_flight + window.reserved > limit or window.free < 0:
+            violations.append(f"in flight {window.in_flight} + reserved {window.reserved}")
+
+    async def steps(n: int) -> None:
+        for _ in range(n):
+            await anyio.lowlevel.checkpoint()
+
+    async def settle_later(hold: int) -> None:
+        await steps(hold)
+        window.settle()
+        check()
+
+    async def request(
+        tg: Any, wanted: int, at_least: int, arriving: int, wait: int, hold: int, cancel: bool
+    ) -> None:
+        with anyio.CancelScope() as scope:
+            if cancel:
+                tg.start_soon(cancel_soon, scope, wait)
+            async with window.reserve(wanted, at_least=at_least) as room:
+                check()
+                assert min(at_least, wanted, limit) <= room.granted <= min(wanted, limit)
+                await steps(wait)
+                for _ in range(arriving):
+                    if not room.take():
+                        break
+                    check()
+                    tg.start_soon(settle_later, hold)
+            check()
+
+    async def cancel_soon(scope: anyio.CancelScope, after: int) -> None:
+        await steps(after)
+        scope.cancel()
+
+    with anyio.fail_after(10):  # every request is served eventually
+        async with anyio.create_task_group() as tg:
+            for wanted, at_least, arriving, wait, hold, cancel in requests:
+                tg.start_soon(request, tg, wanted, at_least, arriving, wait, hold, cancel)
+    assert violations == []
+    assert (window.in_flight, window.reserved, window.free) == (0, 0, limit)
+
+
+async def test_credit_window_serves_waiters_first_come_first_served() -> None:
+    window = CreditWindow(2)
+    order: list[str] = []
+    release = anyio.Event()
+
+    async def hold() -> None:
+        async with window.reserve(2) as room:
+            await release.wait()
+            assert room.take()  # one credit becomes an item in flight, one goes back
+
+    async def want(name: str, n: int) -> None:
+        async with window.reserve(n, at_least=n) as room:
+            order.append(f"{name}:{room.granted}")
+            await anyio.sleep(0.01)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold)
+            await wait_until(lambda: window.free == 0)
+            tg.start_soon(want, "b", 2)
+            await anyio.sleep(0.01)
+            tg.start_soon(want, "c", 1)
+            await anyio.sleep(0.01)
+            release.set()
+            await wait_until(lambda: window.in_flight == 1)
+            await anyio.sleep(0.01)
+            # One credit is free: enough for c, but b came first and needs two.
+            assert order == []
+            window.settle()
+    assert order == ["b:2", "c:1"]
+    with pytest.raises(ValueError, match="at least one"):
+        window.reserve(0)
+
+
+async def test_ack_batcher_resends_a_failed_batch_and_flush_waits_for_the_one_in_flight() -> None:
+    calls: list[list[str]] = []
+    in_flight = anyio.Event()
+    proceed = anyio.Event()
+    failures = 1
+
+    async def send(ids: Sequence[str]) -> None:
+        nonlocal failures
+        calls.append(list(ids))
+        if failures:
+            failures -= 1
+            raise ConnectionFailed("lost")
+        in_flight.set()
+        await proceed.wait()
+
+    batcher = AckBatcher(send, backoff=Backoff(base=0.001, cap=0.01), max_batch=3)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.run)
+            batcher.add(["1", "2"])
+            await in_flight.wait()  # the failed batch went out again
+            assert calls == [["1", "2"], ["1", "2"]]
+            assert batcher.pending == 0
+            flushed = False
+
+            async def flush() -> None:
+                nonlocal flushed
+                await batcher.flush()
+                flushed = True
+
+            tg.start_soon(flush)
+            await anyio.sleep(0.05)
+            assert not flushed  # nothing queued, but a batch is in flight: wait for it
+            batcher.add(["3", "4", "5", "6"])
+            proceed.set()
+            await wait_until(lambda: flushed)
+            tg.cancel_scope.cancel()
+    assert calls[2:] == [["3", "4", "5"], ["6"]]  # at most max_batch ids per call
+    assert batcher.pending == 0
+
+
+async def test_ack_batcher_close_is_bounded_and_reports_what_it_could_not_send() -> None:
+    async def send(ids: Sequence[str]) -> None:
+        raise CommandTimeout("no reply")
+
+    batcher = AckBatcher(send, backoff=Backoff(base=0.001, cap=0.01))
+    batcher.add(["1", "2"])
+    with anyio.fail_after(10):
+        assert await batcher.close(0.2) == 2
