@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
+import re
 import socket
 import time
 import uuid
@@ -69,6 +69,7 @@ from ._commands import Arg, execute, execute_blocking, execute_many
 from ._connection import AnyRedis, check_client, state_of
 from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, keyspace
 from ._scope import background
+from ._validate import check_count, check_flag, check_name, check_seconds
 from ._worker import AckBatcher, CreditWindow, Reservation
 from .errors import (
     CommandError,
@@ -79,6 +80,12 @@ from .errors import (
     UnsupportedServerError,
 )
 from .serializers import Serializer, check_serializer, default_serializer
+
+# Entry counts (MAXLEN) are compared in Lua for the dead-letter stream: keep them exact.
+_MAX_LENGTH = 2**53
+# Concurrency, batch sizes, in-flight bounds: anything above this is a typo, not a plan.
+_MAX_COUNT = 1_000_000
+_STREAM_ID = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?")
 
 __all__ = (
     "ConsumerGroup",
@@ -132,16 +139,11 @@ class StreamRetention:
     def __post_init__(self) -> None:
         if (self.maxlen is None) == (self.max_age is None):
             raise ConfigurationError("StreamRetention takes exactly one of maxlen or max_age")
-        if self.maxlen is not None and (
-            not isinstance(self.maxlen, int) or isinstance(self.maxlen, bool) or self.maxlen < 1
-        ):
-            raise ConfigurationError("StreamRetention.maxlen must be an int >= 1")
-        if self.max_age is not None and not (
-            isinstance(self.max_age, int | float)
-            and math.isfinite(self.max_age)
-            and self.max_age > 0
-        ):
-            raise ConfigurationError("StreamRetention.max_age must be a positive number of seconds")
+        if self.maxlen is not None:
+            check_count("StreamRetention.maxlen", self.maxlen, minimum=1, maximum=_MAX_LENGTH)
+        if self.max_age is not None:
+            check_seconds("StreamRetention.max_age", self.max_age)
+        check_flag("StreamRetention.exact", self.exact)
 
     def args(self) -> list[Arg]:
         """The XADD trimming arguments."""
@@ -205,6 +207,7 @@ class StreamProducer:
         for name, value in fields.items():
             if not isinstance(name, str) or not name:
                 raise ConfigurationError("field names must be non-empty str")
+            check_name("field name", name)
             args += [name, dumps(value)]
         return args
 
@@ -353,20 +356,26 @@ class ConsumerPolicy:
 
     def __post_init__(self) -> None:
         for name in ("concurrency", "max_in_flight", "batch_size", "max_deliveries"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigurationError(f"ConsumerPolicy.{name} must be an int >= 1")
+            check_count(
+                f"ConsumerPolicy.{name}", getattr(self, name), minimum=1, maximum=_MAX_COUNT
+            )
         for name in ("block", "claim_idle", "drain_timeout", "ack_timeout"):
             _check_seconds(name, getattr(self, name))
         for name in ("claim_interval", "consumer_idle"):
             if getattr(self, name) is not None:
                 _check_seconds(name, getattr(self, name))
-        if not isinstance(self.start_id, str) or not self.start_id:
-            raise ConfigurationError("ConsumerPolicy.start_id must be a stream id, '0' or '$'")
-        if self.dead_letter_maxlen is not None and (
-            not isinstance(self.dead_letter_maxlen, int) or self.dead_letter_maxlen < 1
-        ):
-            raise ConfigurationError("ConsumerPolicy.dead_letter_maxlen must be an int >= 1")
+        if not isinstance(self.start_id, str) or not _is_start_id(self.start_id):
+            raise ConfigurationError(
+                "ConsumerPolicy.start_id must be '0', '$' or a stream id like '1700000000000-0',"
+                f" got {self.start_id!r}"
+            )
+        if self.dead_letter_maxlen is not None:
+            check_count(
+                "ConsumerPolicy.dead_letter_maxlen",
+                self.dead_letter_maxlen,
+                minimum=1,
+                maximum=_MAX_LENGTH,
+            )
 
     @property
     def reclaim_every(self) -> float:
@@ -375,10 +384,16 @@ class ConsumerPolicy:
 
 
 def _check_seconds(name: str, value: object) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise ConfigurationError(f"ConsumerPolicy.{name} must be a number of seconds")
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigurationError(f"ConsumerPolicy.{name} must be positive and finite")
+    check_seconds(f"ConsumerPolicy.{name}", value)
+
+
+def _is_start_id(value: str) -> bool:
+    if value == "$":
+        return True
+    match = _STREAM_ID.fullmatch(value)
+    return match is not None and all(
+        int(part) < 2**64 for part in match.groups() if part is not None
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,10 +539,13 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
         keys = _stream_keys(prefix, stream)
         self.key: KeyT = keys.key()
         self.dead_letter_key: KeyT = keys.key("dead")
-        if not isinstance(group, str) or not group:
+        if not isinstance(group, str):
             raise ConfigurationError("group must be a non-empty str")
-        if consumer is not None and (not isinstance(consumer, str) or not consumer):
-            raise ConfigurationError("consumer must be a non-empty str")
+        check_name("group", group)
+        if consumer is not None:
+            if not isinstance(consumer, str):
+                raise ConfigurationError("consumer must be a non-empty str")
+            check_name("consumer", consumer)
         if handler is not None and not callable(handler):
             raise ConfigurationError("handler must be an async callable")
         if policy is not None and not isinstance(policy, ConsumerPolicy):

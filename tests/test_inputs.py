@@ -178,3 +178,51 @@ def test_semaphore_and_redlock_arguments(redis_client: Redis) -> None:
         Redlock([redis_client], "r", drift_factor="x")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError):
         Redlock([redis_client], "r", drift_factor=math.nan)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"maxlen": 2**70}, {"maxlen": True}, {"max_age": math.inf}, {"maxlen": 5, "exact": "yes"}],
+)
+def test_stream_retention(options: dict[str, object]) -> None:
+    from aioredispatterns import StreamRetention
+
+    with pytest.raises(ConfigurationError):
+        StreamRetention(**options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"start_id": "garbage"},
+        {"start_id": "1-2-3"},
+        {"start_id": str(2**64)},
+        {"dead_letter_maxlen": 2**70},
+        {"claim_idle": math.nan},
+        {"block": 1e12},
+        {"concurrency": 10**9},
+    ],
+)
+def test_consumer_policy(options: dict[str, object]) -> None:
+    from aioredispatterns import ConsumerPolicy
+
+    with pytest.raises(ConfigurationError):
+        ConsumerPolicy(**options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("start_id", ["0", "$", "0-0", "1700000000000-5", str(2**64 - 1)])
+def test_consumer_policy_start_ids(start_id: str) -> None:
+    from aioredispatterns import ConsumerPolicy
+
+    assert ConsumerPolicy(start_id=start_id).start_id == start_id
+
+
+def test_stream_names(redis_client: Redis) -> None:
+    from aioredispatterns import ConsumerGroup, StreamProducer
+
+    with pytest.raises(InvalidKeyError):
+        StreamProducer(redis_client, "\ud800")
+    with pytest.raises(InvalidKeyError):
+        ConsumerGroup(redis_client, "s", "\ud800")
+    with pytest.raises(InvalidKeyError):
+        ConsumerGroup(redis_client, "s", "g", consumer="c" * 5000)
