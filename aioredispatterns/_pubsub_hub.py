@@ -13,6 +13,7 @@ cancels the body of the user's ``async with`` behind its back.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -28,6 +29,8 @@ from ._connection import AnyRedis
 from ._scope import background
 from ._validate import check_choice, check_count, check_name, check_number, check_seconds
 from .errors import CommandTimeout, ConfigurationError, ConnectionFailed, RedisPatternsError
+
+logger = logging.getLogger("aioredispatterns.pubsub")
 
 Overflow = Literal["drop_oldest", "drop_newest", "error"]
 _OVERFLOWS = ("drop_oldest", "drop_newest", "error")
@@ -596,12 +599,17 @@ class Hub:
         # Subscribers that attach during the outage wait for the resubscribe: they miss
         # nothing, so only those attached now get the gap notice.
         affected = list(self.sinks)
+        logger.warning("pub/sub connection lost, reconnecting: %s", cause)
         await conn.disconnect()
         attempt = 0
         hold: list[Any] = []
         while True:
             attempt += 1
             if policy.max_attempts is not None and attempt > policy.max_attempts:
+                logger.error(
+                    "pub/sub connection not re-established after %d attempts; giving up",
+                    policy.max_attempts,
+                )
                 raise ConnectionFailed(
                     f"pub/sub connection lost ({cause}) and not re-established after "
                     f"{policy.max_attempts} attempts"
@@ -619,6 +627,11 @@ class Hub:
         self._live = True
         self.reconnects += 1
         gap = Gap(duration=anyio.current_time() - lost_at, attempts=attempt, cause=str(cause))
+        logger.info(
+            "pub/sub resubscribed after %.2fs (%d attempts); a Gap was reported",
+            gap.duration,
+            attempt,
+        )
         for sink in affected:
             if sink in self.sinks:
                 sink.put_gap(gap)
@@ -626,6 +639,7 @@ class Hub:
             self._dispatch(reply)
 
     def _fail(self, error: BaseException) -> None:
+        logger.warning("pub/sub subscription ended: %r", error)
         self._failure = error
         self._live = False
         for event in self._pending.values():

@@ -31,6 +31,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import logging
 import math
 import os
 import random
@@ -74,6 +75,8 @@ __all__ = (
     "CachedFunction",
     "ValueTooLarge",
 )
+
+logger = logging.getLogger("aioredispatterns.cache")
 
 V = TypeVar("V")
 P = ParamSpec("P")
@@ -452,6 +455,7 @@ class Cache(AsyncContextManagerMixin):
             if policy.oversize == "raise":
                 raise ValueTooLarge(key, size, policy.max_value_size)
             self._counters.oversize_skips += 1
+            logger.info("not caching %r: %d bytes, above max_value_size", key, size)
             return None
         if seconds is None:
             fresh_until, px = 0, 0
@@ -808,6 +812,12 @@ class Cache(AsyncContextManagerMixin):
             if stale is not None:
                 # Stale-if-error: the stale entry stays in Redis until its stale TTL ends.
                 self._counters.stale_if_error += 1
+                logger.warning(
+                    "refresh of %r failed, its stale value is served for up to %ss more: %r",
+                    ks.base,
+                    self.policy.refresh_backoff,
+                    exc,
+                )
                 if len(self._refresh_blocked) >= _KEY_CACHE_SIZE:
                     self._refresh_blocked.clear()  # bounded: forgetting only retries sooner
                 self._refresh_blocked[ks.base] = anyio.current_time() + self.policy.refresh_backoff
@@ -871,6 +881,7 @@ class Cache(AsyncContextManagerMixin):
                 # The value is good; only caching it failed. Callers get it, the next
                 # miss loads again, and a lease we held expires on its own.
                 self._counters.fill_errors += 1
+                logger.warning("filling %r failed; the loaded value was returned uncached", ks.base)
                 filled = True
                 return value
             filled = True
@@ -927,6 +938,9 @@ class Cache(AsyncContextManagerMixin):
             remaining = deadline - anyio.current_time()
             if remaining <= 0:
                 self._counters.lease_timeouts += 1
+                logger.info(
+                    "waited %.2fs for another process to load %r; loading here", wait, ks.base
+                )
                 break
             # Sleep until the holder's fill wakes us, its lease runs out, or our wait ends
             # (in slices below any client's socket timeout: a cluster client reads a
