@@ -83,6 +83,11 @@ def set_state(client: AnyRedis, **options: Any) -> ClientState:
     return state
 
 
+def is_client(value: object) -> bool:
+    """Whether ``value`` is a redis.asyncio client (standalone or cluster)."""
+    return isinstance(value, Redis | RedisCluster)
+
+
 def is_cluster(client: AnyRedis) -> bool:
     return isinstance(client, RedisCluster)
 

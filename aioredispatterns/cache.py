@@ -226,7 +226,7 @@ class CachePolicy:
 class CacheStats:
     """Counters of one :class:`Cache` in this process since it was created.
 
-    :meth:`Cache.stats` returns a copy: later activity does not change it.
+    :attr:`Cache.stats` returns a copy: later activity does not change it.
 
     Attributes:
         hits: reads answered from Redis with a fresh value (or a cached "not found").
@@ -718,8 +718,14 @@ class Cache(AsyncContextManagerMixin):
 
     # ----------------------------------------------------------------- stats
 
+    @property
     def stats(self) -> CacheStats:
-        """A snapshot of this cache's counters (this process only)."""
+        """A snapshot of this cache's counters (this process only).
+
+        Every primitive exposes its counters this way (``.stats``, a snapshot that later
+        activity does not change); :class:`aioredispatterns.metrics.PrometheusCollector`
+        exports them.
+        """
         return copy.copy(self._counters)
 
     # ----------------------------------------------------------------- single flight

@@ -92,7 +92,7 @@ async def test_10k_concurrent_cold_callers_run_the_loader_once(
         async with anyio.create_task_group() as tg:
             for _ in range(10_000):
                 tg.start_soon(call)
-        stats = cache.stats()
+        stats = cache.stats
         assert await cache.get_or_load("hot", loader) == {"id": 1}  # now a hit
     assert loader.calls == 1
     assert results == [{"id": 1}] * 10_000
@@ -127,7 +127,7 @@ async def test_loader_error_reaches_every_waiter_and_is_not_cached(
                 tg.start_soon(call)
         assert calls == 1
         assert len(errors) == 50
-        assert cache.stats().load_errors == 1
+        assert cache.stats.load_errors == 1
         assert await cache.get("k", "absent") == "absent"  # the error was not cached
         assert await cache.get_or_load("k", Counter("ok")) == "ok"
 
@@ -264,7 +264,7 @@ async def test_invalidate_during_a_slow_load_wins_the_race(
             await old.started.wait()
             await cache.invalidate("k")
             old.gate.set()
-        assert cache.stats().fills_refused == 1
+        assert cache.stats.fills_refused == 1
         assert await cache.get("k", "absent") == "absent"
         assert await cache.get_or_load("k", Counter("new row")) == "new row"
         assert await cache.get("k") == "new row"
@@ -280,7 +280,7 @@ async def test_set_during_a_slow_load_wins_the_race(redis_client: Redis, key_pre
             assert await cache.set("k", "written")
             old.gate.set()
         assert await cache.get("k") == "written"
-        assert cache.stats().fills_refused == 1
+        assert cache.stats.fills_refused == 1
 
 
 async def test_a_load_longer_than_max_load_time_is_not_written(
@@ -290,7 +290,7 @@ async def test_a_load_longer_than_max_load_time_is_not_written(
     async with Cache(redis_client, ttl=60, max_load_time=0.1, prefix=key_prefix) as cache:
         assert await cache.get_or_load("k", loader) == "slow"
         assert await cache.get("k") is None
-        assert cache.stats().fills_refused == 1
+        assert cache.stats.fills_refused == 1
 
 
 async def test_invalidate_many_and_set_many(redis_client: Redis, key_prefix: str) -> None:
@@ -324,7 +324,7 @@ async def test_stale_value_is_served_at_once_while_one_refresh_runs(
             results = [await cache.get_or_load("k", slow) for _ in range(20)]
         assert results == ["v1"] * 20
         assert slow.calls == 1  # one background refresh, not twenty
-        assert cache.stats().stale_served == 20
+        assert cache.stats.stale_served == 20
         slow.gate.set()
         await anyio.sleep(0.1)
         assert await cache.get("k") == "v2"
@@ -344,12 +344,12 @@ async def test_stale_if_error_keeps_serving_and_counts(
         await anyio.sleep(0.15)
         assert await cache.get_or_load("k", broken) == "v1"
         await anyio.sleep(0.05)
-        assert cache.stats().stale_if_error == 1
+        assert cache.stats.stale_if_error == 1
         # Still served, and not retried on every read during the backoff.
         for _ in range(10):
             assert await cache.get_or_load("k", broken) == "v1"
         await anyio.sleep(0.05)
-        assert cache.stats().stale_if_error == 1
+        assert cache.stats.stale_if_error == 1
         assert await redis_client.pttl(f"{key_prefix}:cache:{{k}}") > 29_000
 
 
@@ -378,7 +378,7 @@ async def test_xfetch_refreshes_before_expiry_under_steady_load(
         while anyio.current_time() < deadline:
             assert await cache.get_or_load("k", loader) == "v"
             await anyio.sleep(0.005)
-        stats = cache.stats()
+        stats = cache.stats
     assert stats.misses == 1, stats  # only the first, cold read
     assert stats.early_refreshes >= 2, stats
     assert stats.early_refreshes == stats.refreshes  # nothing was ever stale
@@ -393,7 +393,7 @@ async def test_without_xfetch_steady_load_sees_expiry(redis_client: Redis, key_p
         while anyio.current_time() < deadline:
             await cache.get_or_load("k", loader)
             await anyio.sleep(0.005)
-        assert cache.stats().misses >= 2
+        assert cache.stats.misses >= 2
 
 
 # ----------------------------------------------------------------------------- decorator
@@ -467,7 +467,7 @@ async def test_oversize_values_raise_or_are_skipped(redis_client: Redis, key_pre
         assert await cache.get_or_load("k", Counter(big)) == big
         assert not await cache.set("k", big)
         assert await cache.set_many({"a": big, "b": "small"}) == 1
-        assert cache.stats().oversize_skips == 3
+        assert cache.stats.oversize_skips == 3
         assert await redis_client.exists(f"{key_prefix}:cache:{{k}}") == 0
 
 
@@ -512,7 +512,7 @@ async def test_clock_comes_from_the_server(redis_url: str, key_prefix: str) -> N
 
 
 def test_stats_start_at_zero(redis_client: Redis) -> None:
-    stats = Cache(redis_client, ttl=1).stats()
+    stats = Cache(redis_client, ttl=1).stats
     assert stats.hits == stats.misses == stats.loads == 0
 
 
@@ -526,7 +526,7 @@ async def test_hit_path_is_one_get(redis_client: Redis, key_prefix: str) -> None
         assert time.perf_counter() - started < 1
         after = (await redis_client.info("commandstats"))["cmdstat_get"]["calls"]
         assert after - before == 10
-        assert cache.stats().hits == 10
+        assert cache.stats.hits == 10
 
 
 async def test_concurrent_hits_on_a_hot_key_share_one_get(
@@ -546,7 +546,7 @@ async def test_concurrent_hits_on_a_hot_key_share_one_get(
         after = (await redis_client.info("commandstats"))["cmdstat_get"]["calls"]
         assert results == [{"v": 1}] * 100
         assert after - before < 100
-        assert cache.stats().shared_reads == 100 - (after - before)
+        assert cache.stats.shared_reads == 100 - (after - before)
         # A read that starts after a write returns sees the write.
         await cache.set("hot", {"v": 2})
         assert await cache.get_or_load("hot", Counter("unused")) == {"v": 2}
@@ -606,7 +606,7 @@ async def test_redis_failing_during_the_fill_still_returns_the_value(
     try:
         async with Cache(client, ttl=60) as cache:
             assert await cache.get_or_load("k", load_then_lose_redis) == "loaded"
-            assert cache.stats().fill_errors == 1
+            assert cache.stats.fill_errors == 1
             assert cache._flights == {}
             with pytest.raises(ConnectionFailed):  # reads do fail while Redis is down
                 await cache.get_or_load("k", Counter())

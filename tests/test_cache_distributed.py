@@ -48,7 +48,7 @@ async def _worker(url: str, prefix: str) -> None:
                 for _ in range(CALLERS):
                     tg.start_soon(call)
             assert results == [{"answer": 42}] * CALLERS
-            print(json.dumps(dataclasses.asdict(cache.stats())))
+            print(json.dumps(dataclasses.asdict(cache.stats)))
     finally:
         await client.aclose()
 
@@ -131,7 +131,7 @@ async def test_waiters_in_other_processes_are_woken_by_the_fill(
         assert got == ["from A"]
         assert b_calls == 0
         assert woken_after < 1.0  # woken by the fill, not by the 10 s lease expiry
-        assert cache_b.stats().lease_waits == 1
+        assert cache_b.stats.lease_waits == 1
     finally:
         await a.aclose()
         await b.aclose()
@@ -155,7 +155,7 @@ async def test_a_dead_lease_holder_blocks_others_no_longer_than_its_lease(
         started = time.perf_counter()
         assert await cache.get_or_load("k", loader) == "mine"
         elapsed = time.perf_counter() - started
-        assert cache.stats().lease_timeouts == 0  # the lease ran out; we took it
+        assert cache.stats.lease_timeouts == 0  # the lease ran out; we took it
     assert calls == 1
     assert 0.25 < elapsed < 2.0  # the 300 ms lease, not lease_ttl (5 s)
 
@@ -174,7 +174,7 @@ async def test_the_wait_for_another_process_is_bounded(
 
         assert await cache.get_or_load("k", loader) == "loaded here"
         assert time.perf_counter() - started < 1.0
-        assert cache.stats().lease_timeouts == 1
+        assert cache.stats.lease_timeouts == 1
         assert await cache.get("k") == "loaded here"
 
 
@@ -268,7 +268,7 @@ async def test_cluster_waiter_is_woken_by_another_clients_fill(
             await anyio.sleep(0.2)
             gate.set()
         assert got == ["from A"]
-        assert cache_b.stats().lease_waits == 1
+        assert cache_b.stats.lease_waits == 1
     finally:
         await a.aclose()
         await b.aclose()
