@@ -40,6 +40,8 @@ increasing on one server even if its clock steps back; the clock floor keeps the
 increasing across a lost counter as long as server clocks agree better than the time
 between two acquisitions of the lock. Tokens are therefore large (about ``1.7e15``), but
 below ``2**53``: they fit a SQL ``BIGINT``, a JSON number and a Lua double exactly.
+:func:`fenced_set` accepts any token in ``[0, 2**64 - 1]`` (a database sequence, an
+unsigned 64-bit counter) and compares it exactly on the server, as a decimal string.
 Set ``fence_ttl=None`` to keep the counter forever (one small key per lock name).
 
 Redis is not a consensus system: a failover can hand the lock to two clients at once (the
@@ -68,6 +70,7 @@ from ._commands import Arg, execute, execute_blocking
 from ._connection import AnyRedis, check_client, is_cluster
 from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, keyspace
 from ._scripts import Script
+from ._validate import check_count
 from .errors import (
     CommandTimeout,
     ConfigurationError,
@@ -626,10 +629,22 @@ def _resource_key(resource: str, prefix: str) -> KeyT:
     return keyspace(prefix, "fenced", resource).key()
 
 
+#: The largest token :func:`fenced_set` accepts: an unsigned 64-bit integer.
+_MAX_TOKEN: Final = 2**64 - 1
+# What every redis-py parser sends as is (not bytearray: hiredis refuses it; not bool:
+# redis-py refuses it, and True stored as "1" would be a surprise anyway).
+_VALUE_TYPES = (bytes, str, int, float)
+
+
 def _check_token(token: object) -> int:
-    if isinstance(token, bool) or not isinstance(token, int) or token < 0:
-        raise ConfigurationError(f"token must be an int >= 0, got {token!r}")
-    return token
+    return check_count("token", token, minimum=0, maximum=_MAX_TOKEN)
+
+
+def _check_value(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, _VALUE_TYPES):
+        raise ConfigurationError(
+            f"value must be bytes, str, int or float, got {type(value).__name__}"
+        )
 
 
 async def fenced_set(
@@ -645,6 +660,11 @@ async def fenced_set(
     The check and the write are one Lua script, so a holder whose lease was lost (paused
     past its TTL, cut off by a failover) cannot overwrite the newer holder's value: its
     token is lower. Writes with an *equal* token are accepted (one holder writing twice).
+    Tokens are compared exactly over the whole accepted range ``[0, 2**64 - 1]``: the
+    script compares them as decimal strings, not as Lua numbers (doubles, which cannot
+    tell ``2**64 - 1`` from ``2**64 - 2``). The tokens of :class:`Lock`,
+    :class:`~aioredispatterns.Semaphore` and :class:`~aioredispatterns.Redlock` are
+    below ``2**53``; larger ones come from elsewhere (an unsigned 64-bit sequence).
 
     The same rule for a SQL resource, with a ``fence BIGINT`` column next to the data::
 
@@ -656,24 +676,36 @@ async def fenced_set(
 
     Args:
         resource: the resource's name (its key is ``<prefix>:fenced:{<resource>}``, a
-            hash with fields ``value`` and ``token``; it has no TTL).
-        value: bytes, str, int or float, stored as is.
-        token: the writer's :attr:`Lease.token`.
+            hash with fields ``value`` and ``token``, the token in decimal; it has no
+            TTL).
+        value: bytes, str, int or float, stored as is (a number as its decimal text).
+        token: the writer's :attr:`Lease.token`: an int in ``[0, 2**64 - 1]``.
 
     Returns:
         True if written, False if rejected as stale.
 
+    Raises:
+        ConfigurationError: ``token`` is not an int in ``[0, 2**64 - 1]`` (a bool, a
+            float, a negative or larger number), or ``value`` is none of the types
+            above (``None`` included); before any command is sent.
+        InvalidKeyError: ``resource`` is empty, not a str or bytes, or too long.
+        ScriptError: the stored token is not a decimal integer (the hash was written by
+            something else than this function).
+
     Cancellation: the write may or may not have happened; if it did, it was checked.
     """
-    _check_token(token)
+    digits = str(int(_check_token(token)))  # the script compares this decimal text
+    _check_value(value)
     key = _resource_key(resource, prefix)
-    return bool(await _FENCED_SET.run(client, [key], [value, token]))
+    return bool(await _FENCED_SET.run(client, [key], [value, digits]))
 
 
 async def fenced_get(
     client: AnyRedis, resource: str, *, prefix: str = DEFAULT_PREFIX
 ) -> FencedValue | None:
     """The value :func:`fenced_set` last accepted for ``resource`` and its token, or None.
+
+    The token comes back as the int it was written as, exactly (any size).
 
     Cancellation: a read only; nothing to undo.
     """

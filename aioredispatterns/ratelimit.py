@@ -17,25 +17,45 @@ Policies::
 State, one key per policy: a token bucket and GCRA keep one timestamp (a bucket of
 ``capacity`` tokens refilled every ``1/rate`` seconds *is* GCRA with burst ``capacity``:
 tokens = capacity - (timestamp - now) * rate, so the two share their code), the sliding
-log a sorted set, the counter policies a short string. Every key written gets a TTL in
-the same script (when it would expire, the limit is back to its full quota, so expiry
-loses nothing). Peeks write nothing; a denied hit consumes nothing (a sliding log does
-drop the entries that have left its window, which changes no decision).
+log a sorted set with one member per admitted hit, the counter policies a short string.
+Every key written gets a TTL in the same script (when it would expire, the limit is back
+to its full quota, so expiry loses nothing). Peeks write nothing; a denied hit consumes
+nothing (a sliding log does drop the entries that have left its window, which changes no
+decision).
+
+Bounds, checked when a policy is built (:class:`~aioredispatterns.ConfigurationError`,
+before any command): a limit, capacity or burst is an ``int`` from 1 to ``10**12``; a
+period or window is at most ten years (a window at least a microsecond, a period or a
+rate at least a microsecond per unit); a bucket's refill horizon (``capacity / rate``)
+and GCRA's (``burst * period / limit``) are at most ten years. Within them every number
+the script computes (server time in µs plus a span, a count plus a cost, a sliding log's
+running total) stays far below ``2**53``, where the server's Lua doubles stop being
+exact integers. A cost is an ``int`` from 1 to the smallest size of the limiter's
+policies (a larger one could never be admitted). An identity is at most 1024 bytes
+unless the limiter raises ``max_identity_bytes``.
 """
 
 from __future__ import annotations
 
-import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple, TypeAlias
+from typing import ClassVar, Final, NamedTuple, TypeAlias
 
 import anyio
 
 from ._commands import execute
 from ._connection import AnyRedis, check_client
-from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, check_key, check_prefix, keyspace
+from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, check_prefix, keyspace
 from ._scripts import Script
+from ._validate import (
+    MAX_NAME_BYTES,
+    MAX_SECONDS,
+    check_count,
+    check_name,
+    check_number,
+    check_seconds,
+)
 from .errors import ConfigurationError, RedisPatternsError
 
 __all__ = (
@@ -55,6 +75,18 @@ _DECIDE = Script.load("ratelimit_decide")
 
 _US = 1_000_000
 
+#: The largest limit, capacity or burst a policy accepts (and so the largest cost). Far
+#: below 2**53, so a count plus a cost, or a count carrying a fraction (a sliding counter's
+#: estimate), is still computed exactly enough by the server's Lua doubles.
+_MAX_SIZE: Final = 10**12
+#: The longest span a policy may book ahead, in µs (ten years): see the module docstring.
+_MAX_SPAN_US: Final = MAX_SECONDS * _US
+#: The most ``max_identity_bytes`` may be raised to (the default is 1024 bytes).
+_MAX_IDENTITY_BYTES: Final = 64 * 1024
+#: A denied decision that would come back with no wait (the bounds rule it out) waits this
+#: long instead, so that :meth:`RateLimiter.wait` can never spin.
+_RETRY_FLOOR: Final = 0.1
+
 
 class RateLimitError(RedisPatternsError):
     """Base of the rate limiter's errors."""
@@ -72,19 +104,19 @@ class RateLimitExceeded(RateLimitError, TimeoutError):
         self.decision = decision
 
 
-def _positive_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{what} must be a positive int, got {value!r}")
-    return value
+def _size(name: str, value: object) -> int:
+    return check_count(name, value, minimum=1, maximum=_MAX_SIZE)
 
 
-def _positive_seconds(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(f"{what} must be a number of seconds, got {value!r}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds * _US < 1:
-        raise ConfigurationError(f"{what} must be finite and at least 1 microsecond: {value!r}")
-    return seconds
+def _check_span(what: str, size: int, interval_us: float) -> None:
+    """Refuse a policy that would book more than ten years ahead (``size * interval``)."""
+    if interval_us < 1:
+        raise ConfigurationError(f"{what}: at least 1 microsecond per unit, got {interval_us} µs")
+    if size * interval_us > _MAX_SPAN_US:
+        raise ConfigurationError(
+            f"{what}: {size} units take {size * interval_us / _US:g} s to refill, "
+            f"above the limit of {MAX_SECONDS:g} s (ten years)"
+        )
 
 
 class _PolicyBase:
@@ -114,7 +146,9 @@ class TokenBucket(_PolicyBase):
     from it and the server's clock); the key expires then.
 
     Raises:
-        ConfigurationError: ``capacity`` is not a positive int or ``rate`` not positive.
+        ConfigurationError: ``capacity`` is not an int in ``[1, 10**12]``; ``rate`` is not
+            a finite number above 0 and at most one token per microsecond; or an empty
+            bucket would take more than ten years to refill (``capacity / rate``).
     """
 
     capacity: int
@@ -123,12 +157,9 @@ class TokenBucket(_PolicyBase):
     tag: ClassVar[str] = "tb"
 
     def __post_init__(self) -> None:
-        _positive_int(self.capacity, "capacity")
-        if isinstance(self.rate, bool) or not isinstance(self.rate, int | float):
-            raise ConfigurationError(f"rate must be a number, got {self.rate!r}")
-        if not math.isfinite(self.rate) or self.rate <= 0:
-            raise ConfigurationError(f"rate must be positive and finite, got {self.rate!r}")
-        _positive_seconds(1.0 / self.rate, "1 / rate")
+        _size("capacity", self.capacity)
+        check_number("rate", self.rate, above=0, maximum=_US)
+        _check_span("TokenBucket(capacity, rate)", self.capacity, _US / self.rate)
 
     @property
     def size(self) -> int:
@@ -148,7 +179,10 @@ class GCRA(_PolicyBase):
     State: one string key holding the theoretical arrival time.
 
     Raises:
-        ConfigurationError: a non-positive limit, period or burst.
+        ConfigurationError: ``limit`` or ``burst`` not an int in ``[1, 10**12]``; ``period``
+            not a number of seconds in ``(0, ten years]``; less than a microsecond per
+            unit (``period / limit``); or a full burst booking more than ten years ahead
+            (``burst * period / limit``).
     """
 
     limit: int
@@ -158,11 +192,11 @@ class GCRA(_PolicyBase):
     tag: ClassVar[str] = "gcra"
 
     def __post_init__(self) -> None:
-        _positive_int(self.limit, "limit")
-        _positive_seconds(self.period, "period")
+        _size("limit", self.limit)
+        check_seconds("period", self.period)
         if self.burst is not None:
-            _positive_int(self.burst, "burst")
-        _positive_seconds(self.period / self.limit, "period / limit")
+            _size("burst", self.burst)
+        _check_span("GCRA(limit, period, burst)", self.size, self.interval_us)
 
     @property
     def size(self) -> int:
@@ -181,8 +215,8 @@ class _WindowPolicy(_PolicyBase):
     window: float
 
     def __post_init__(self) -> None:
-        _positive_int(self.limit, "limit")
-        _positive_seconds(self.window, "window")
+        _size("limit", self.limit)
+        check_seconds("window", self.window, minimum=1 / _US)
 
     @property
     def size(self) -> int:
@@ -197,16 +231,25 @@ class _WindowPolicy(_PolicyBase):
 class SlidingWindowLog(_WindowPolicy):
     """Exact sliding window: at most ``limit`` units in any ``window`` seconds.
 
-    State: a sorted set with one member per admitted unit (memory grows with ``limit``).
+    State: a sorted set with one member per admitted *hit*, whatever its cost (memory
+    grows with the number of hits in a window, not with ``limit``); each member carries
+    a running total of the units admitted, so a decision costs a few O(log n) lookups
+    for any cost up to ``limit``, never one operation per unit. The bound stays exact:
+    a hit is recorded at the server's time (one microsecond later if that would not be
+    after the previous hit, so a clock that steps back only keeps hits in the window
+    longer).
 
     Raises:
-        ConfigurationError: a non-positive limit or window.
+        ConfigurationError: ``limit`` not an int in ``[1, 10**12]`` or ``window`` not a
+            number of seconds in ``[1 µs, ten years]``.
     """
 
     limit: int
     window: float
     kind: ClassVar[int] = 3
-    tag: ClassVar[str] = "log"
+    # "log2": the log of hits (one member per hit) replaced a log of units, which kept
+    # its state under "log"; the two formats never share a key.
+    tag: ClassVar[str] = "log2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +262,8 @@ class SlidingWindowCounter(_WindowPolicy):
     State: one short string (window, count, previous count), whatever the limit.
 
     Raises:
-        ConfigurationError: a non-positive limit or window.
+        ConfigurationError: ``limit`` not an int in ``[1, 10**12]`` or ``window`` not a
+            number of seconds in ``[1 µs, ten years]``.
     """
 
     limit: int
@@ -236,7 +280,8 @@ class FixedWindow(_WindowPolicy):
     State: one short string (window, count).
 
     Raises:
-        ConfigurationError: a non-positive limit or window.
+        ConfigurationError: ``limit`` not an int in ``[1, 10**12]`` or ``window`` not a
+            number of seconds in ``[1 µs, ten years]``.
     """
 
     limit: int
@@ -246,6 +291,7 @@ class FixedWindow(_WindowPolicy):
 
 
 Policy: TypeAlias = TokenBucket | GCRA | SlidingWindowLog | SlidingWindowCounter | FixedWindow
+_POLICY_TYPES = (TokenBucket, GCRA, SlidingWindowLog, SlidingWindowCounter, FixedWindow)
 
 
 class RateLimitDecision(NamedTuple):
@@ -261,7 +307,8 @@ class RateLimitDecision(NamedTuple):
             consumed it).
         limit: the binding policy's size (capacity, burst or limit).
         remaining: units that could still pass now (after this request if consumed).
-        retry_after: seconds until a request of the same cost could pass (0 if allowed).
+        retry_after: seconds until a request of the same cost could pass: 0 if allowed,
+            always above 0 if not.
         reset_after: seconds until the binding limit is back to its full quota.
         server_time: the server's clock when the script decided, in seconds.
     """
@@ -275,6 +322,13 @@ class RateLimitDecision(NamedTuple):
     per_limit: tuple[RateLimitDecision, ...] = ()
 
 
+def _retry_after(retry_us: int) -> float:
+    # A denied decision always has a wait: the script answers at least 1 µs whenever the
+    # policies' bounds hold. Should it ever answer 0 (or an overflowed number), wait a
+    # floor rather than report "retry now" and let wait() spin on the server.
+    return retry_us / _US if retry_us > 0 else _RETRY_FLOOR
+
+
 def _parse(reply: Sequence[int], policies: Sequence[Policy]) -> RateLimitDecision:
     # The reply's numbers are RESP integers already (ints, not bytes).
     allowed = reply[0] == 1
@@ -285,7 +339,7 @@ def _parse(reply: Sequence[int], policies: Sequence[Policy]) -> RateLimitDecisio
             allowed,
             policies[0].size,
             remaining if remaining > 0 else 0,
-            0.0 if allowed or retry_us <= 0 else retry_us / _US,
+            0.0 if allowed else _retry_after(retry_us),
             reset_us / _US if reset_us > 0 else 0.0,
             server_time,
         )
@@ -297,7 +351,7 @@ def _parse(reply: Sequence[int], policies: Sequence[Policy]) -> RateLimitDecisio
                 allowed=ok == 1,
                 limit=policy.size,
                 remaining=max(0, remaining),
-                retry_after=max(0, retry_us) / _US if ok != 1 else 0.0,
+                retry_after=0.0 if ok == 1 else _retry_after(retry_us),
                 reset_after=max(0, reset_us) / _US,
                 server_time=server_time,
             )
@@ -319,7 +373,13 @@ def _parse(reply: Sequence[int], policies: Sequence[Policy]) -> RateLimitDecisio
     )
 
 
+# The limiter's identity -> keys cache holds at most this many identities and this many
+# bytes (identities, keys and their Python objects); an identity whose entry would take
+# more than a 64th of it is not cached at all (building its keys costs little next to
+# sending them), so one huge identity cannot flush the small, hot ones.
 _KEY_CACHE_SIZE = 4096
+_KEY_CACHE_BYTES = 4 * 1024 * 1024
+_KEY_CACHE_MAX_ENTRY = _KEY_CACHE_BYTES // 64
 
 
 class RateLimiter:
@@ -330,8 +390,13 @@ class RateLimiter:
         policies: one policy, or several that must all allow a request (for example
             ``[GCRA(10, 1.0), FixedWindow(1000, 3600)]``); they are decided atomically.
         name: what this limiter is called; two limiters with the same name and prefix
-            share their state.
+            share their state (a non-empty str of at most 1024 bytes).
         prefix: the key prefix.
+        max_identity_bytes: the longest identity accepted, in bytes once encoded (default
+            1024, at most 64 KiB). A longer one raises
+            :class:`~aioredispatterns.InvalidKeyError` before any command: every byte of
+            an identity is stored in each of its keys and in the limiter's key cache, so
+            hash long identities (an API key, a URL) yourself.
 
     Keys: ``<prefix>:ratelimit:{<n>:<name>:<identity>}:<index>:<kind>``, one per policy,
     where ``<n>`` is the name's length in bytes (so no name/identity split can collide).
@@ -340,7 +405,8 @@ class RateLimiter:
     loses the reply, not the decision (see :meth:`hit`). Nothing runs in the background.
 
     Raises:
-        ConfigurationError: no policy, a non-policy, or a bad name or prefix.
+        ConfigurationError: no policy, a non-policy, a bad name, prefix or
+            ``max_identity_bytes``.
     """
 
     def __init__(
@@ -350,28 +416,47 @@ class RateLimiter:
         *,
         name: str = "default",
         prefix: str = DEFAULT_PREFIX,
+        max_identity_bytes: int = MAX_NAME_BYTES,
     ) -> None:
         self._client = check_client(client)
-        items = (policies,) if isinstance(policies, _PolicyBase) else tuple(policies)
+        if isinstance(policies, _PolicyBase):
+            items: tuple[object, ...] = (policies,)
+        elif isinstance(policies, Sequence) and not isinstance(policies, str | bytes):
+            items = tuple(policies)
+        else:
+            raise ConfigurationError(
+                f"policies must be a policy or a sequence of them: {policies!r}"
+            )
         if not items:
             raise ConfigurationError("a RateLimiter needs at least one policy")
+        checked: list[Policy] = []
         for policy in items:
-            if not isinstance(policy, _PolicyBase):
+            if not isinstance(policy, _POLICY_TYPES):
                 raise ConfigurationError(f"not a rate-limit policy: {policy!r}")
-        if not isinstance(name, str) or not name:
-            raise ConfigurationError("name must be a non-empty str")
+            checked.append(policy)
+        if not isinstance(name, str):
+            raise ConfigurationError(f"name must be a str, got {type(name).__name__}")
+        check_name("name", name)
         self._prefix = check_prefix(prefix)
+        self._max_identity_bytes = check_count(
+            "max_identity_bytes", max_identity_bytes, minimum=1, maximum=_MAX_IDENTITY_BYTES
+        )
         self._name = name
-        self._policies: tuple[Policy, ...] = items
-        self._max_cost = min(p.size for p in items)
+        # "<n>:<name>:" goes before the identity in the hash tag (see _space).
+        self._tag_head = f"{len(name.encode())}:{name}:"
+        self._tag_max_bytes = len(self._tag_head.encode()) + self._max_identity_bytes
+        self._policies: tuple[Policy, ...] = tuple(checked)
+        self._max_cost = min(p.size for p in checked)
         args: list[str] = []
-        for policy in items:
+        for policy in checked:
             args += [str(policy.kind), str(policy.size), repr(policy.interval_us)]
         self._args = tuple(args)
         self._hit_one = ("1", "1", *args)  # ARGV of the most common call, built once
         # identity -> its keys; building them (validation, hash tag) costs more than the
-        # rest of a decision on the client. Bounded: cleared when full.
+        # rest of a decision on the client. Bounded in entries and bytes: cleared when full.
+        # Only valid identities get in, so a hit on the cache needs no check.
         self._key_cache: dict[KeyT, list[KeyT]] = {}
+        self._key_cache_bytes = 0
 
     @property
     def policies(self) -> tuple[Policy, ...]:
@@ -383,25 +468,32 @@ class RateLimiter:
         if keys is None:
             space = self._space(identity)
             keys = [space.key(i, p.tag) for i, p in enumerate(self._policies)]
-            if len(self._key_cache) >= _KEY_CACHE_SIZE:
-                self._key_cache.clear()
-            self._key_cache[identity] = keys
+            size = sys.getsizeof(identity) + sys.getsizeof(keys)
+            size += sum(sys.getsizeof(k) for k in keys)
+            if size <= _KEY_CACHE_MAX_ENTRY:
+                if (
+                    len(self._key_cache) >= _KEY_CACHE_SIZE
+                    or self._key_cache_bytes + size > _KEY_CACHE_BYTES
+                ):
+                    self._key_cache.clear()
+                    self._key_cache_bytes = 0
+                self._key_cache[identity] = keys
+                self._key_cache_bytes += size
         return keys
 
     def _space(self, identity: object) -> KeySpace:
-        checked = check_key(identity, "identity")
+        checked = check_name("identity", identity, max_bytes=self._max_identity_bytes)
         # The name's byte length goes first, so that ("a:b", "c") and ("a", "b:c") can
         # never share a key: the pair is always read back unambiguously.
-        name = self._name.encode()
         joined: KeyT
         if isinstance(checked, bytes):
-            joined = b"%d:%s:%s" % (len(name), name, checked)
+            joined = self._tag_head.encode() + checked
         else:
-            joined = f"{len(name)}:{self._name}:{checked}"
-        return keyspace(self._prefix, "ratelimit", joined)
+            joined = self._tag_head + checked
+        return keyspace(self._prefix, "ratelimit", joined, max_bytes=self._tag_max_bytes)
 
     def _check_cost(self, cost: object) -> int:
-        cost = _positive_int(cost, "cost")
+        cost = check_count("cost", cost, minimum=1)
         if cost > self._max_cost:
             raise ConfigurationError(
                 f"cost {cost} exceeds the smallest capacity ({self._max_cost}): "
@@ -418,8 +510,10 @@ class RateLimiter:
         """Ask for ``cost`` units for ``identity``; consume them if every limit allows.
 
         Raises:
-            ConfigurationError: empty identity, or a cost below 1 or above a capacity
-                (before any command is sent).
+            InvalidKeyError: ``identity`` is empty, neither str nor bytes, not valid
+                UTF-8 or longer than ``max_identity_bytes`` (before any command is sent).
+            ConfigurationError: ``cost`` is not an int, below 1 or above the smallest
+                size of the policies (before any command is sent).
             ConnectionFailed, CommandTimeout: the server did not answer.
 
         Cancellation: the script runs atomically on the server; if it ran before the
@@ -457,12 +551,14 @@ class RateLimiter:
 
         Raises:
             RateLimitExceeded: not allowed within ``timeout`` (nothing consumed).
+            ConfigurationError, InvalidKeyError: as :meth:`hit`, or a ``timeout`` that
+                is not a number of seconds in ``[0, ten years]``.
 
         Cancellation: nothing is consumed while sleeping; a cancellation during the final,
         successful script loses the reply but the units stay consumed.
         """
-        if timeout is not None and (not math.isfinite(timeout) or timeout < 0):
-            raise ConfigurationError(f"timeout must be None or >= 0, got {timeout!r}")
+        if timeout is not None:
+            check_seconds("timeout", timeout, zero=True)
         checked = self._check_cost(cost)
         deadline = None if timeout is None else anyio.current_time() + timeout
         while True:
@@ -471,6 +567,7 @@ class RateLimiter:
                 return decision
             if deadline is not None and anyio.current_time() + decision.retry_after > deadline:
                 raise RateLimitExceeded(decision, f"not allowed within {timeout}s")
+            # Never 0 here (_retry_after floors it), so this loop sleeps between hits.
             await anyio.sleep(decision.retry_after)
 
     async def reset(self, identity: KeyT) -> None:

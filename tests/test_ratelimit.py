@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aioredispatterns import ConfigurationError, InvalidKeyError, connect
+from aioredispatterns._validate import MAX_SECONDS
 from aioredispatterns.ratelimit import (
     GCRA,
     FixedWindow,
@@ -28,6 +29,8 @@ from aioredispatterns.ratelimit import (
 from aioredispatterns.testing import borrowed_connections
 
 US = 1_000_000
+#: The largest limit, capacity or burst a policy accepts (documented in ratelimit).
+MAX_SIZE = 10**12
 
 
 def us(decision: RateLimitDecision) -> int:
@@ -58,13 +61,53 @@ async def assert_every_key_has_ttl(client: Any, prefix: str) -> None:
         lambda: SlidingWindowLog(-1, 1.0),
         lambda: SlidingWindowLog(5, math.nan),
         lambda: SlidingWindowCounter(5, -2),
-        lambda: FixedWindow(True, 1.0),  # type: ignore[arg-type]
+        lambda: FixedWindow(True, 1.0),
         lambda: FixedWindow(5, "1"),  # type: ignore[arg-type]
+        # Periods beyond ten years: the server's µs arithmetic would overflow (these two
+        # used to answer allowed=False, retry_after=0 and make wait() spin).
+        lambda: GCRA(1, 1e15),
+        lambda: FixedWindow(1, 1e15),
+        lambda: SlidingWindowLog(1, 1e15),
+        lambda: SlidingWindowCounter(1, 1e15),
+        lambda: GCRA(1, MAX_SECONDS * 1.001),
+        lambda: FixedWindow(1, math.inf),
+        # Sizes beyond what the script computes exactly (2**63 reported remaining=0).
+        lambda: TokenBucket(2**63, 1.0),
+        lambda: TokenBucket(MAX_SIZE + 1, 1e6),
+        lambda: GCRA(MAX_SIZE + 1, 1e7),
+        lambda: GCRA(10, 1.0, burst=2**63),
+        lambda: SlidingWindowLog(MAX_SIZE + 1, 1.0),
+        lambda: FixedWindow(10**400, 1.0),
+        # Rates: finite, > 0, at most one unit per µs, an empty bucket refilled in 10 years.
+        lambda: TokenBucket(5, math.nan),
+        lambda: TokenBucket(5, 2e6),
+        lambda: TokenBucket(1, 1e-9),
+        lambda: TokenBucket(MAX_SIZE, 1.0),
+        lambda: GCRA(10**6, 0.5),  # less than a µs per unit
+        lambda: GCRA(1, 1.0, burst=10**9),  # a full burst books 31 years ahead
+        lambda: FixedWindow(1, 1e-7),  # a window below one µs
     ],
 )
 def test_bad_policies_raise(make: Callable[[], object]) -> None:
     with pytest.raises(ConfigurationError):
         make()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TokenBucket(MAX_SIZE, 1e6),
+        lambda: TokenBucket(1, 1.001 / MAX_SECONDS),
+        lambda: GCRA(MAX_SIZE, 1e6),
+        lambda: GCRA(1, MAX_SECONDS),
+        lambda: GCRA(10, MAX_SECONDS, burst=10),
+        lambda: SlidingWindowLog(MAX_SIZE, MAX_SECONDS),
+        lambda: SlidingWindowCounter(MAX_SIZE, 1e-6),
+        lambda: FixedWindow(1, MAX_SECONDS),
+    ],
+)
+def test_policies_at_the_bounds_are_accepted(make: Callable[[], object]) -> None:
+    make()
 
 
 async def test_bad_calls_raise_before_any_command() -> None:
@@ -76,23 +119,65 @@ async def test_bad_calls_raise_before_any_command() -> None:
         limiter = RateLimiter(client, [TokenBucket(5, 1.0), FixedWindow(3, 1.0)])
         with pytest.raises(ConfigurationError, match="smallest capacity"):
             await limiter.hit("u", cost=4)
-        for bad_cost in (0, -1, 1.0, True):
+        for bad_cost in (0, -1, 1.0, True, None, "1", 10**400):
             with pytest.raises(ConfigurationError):
-                await limiter.hit("u", cost=bad_cost)
+                await limiter.hit("u", cost=bad_cost)  # type: ignore[arg-type]
+            with pytest.raises(ConfigurationError):
+                await limiter.wait("u", cost=bad_cost)  # type: ignore[arg-type]
         with pytest.raises(InvalidKeyError):
             await limiter.hit("")
         with pytest.raises(InvalidKeyError):
             await limiter.peek(b"")
-        with pytest.raises(ConfigurationError):
-            await limiter.wait("u", timeout=-1)
+        with pytest.raises(InvalidKeyError):
+            await limiter.hit(5)  # type: ignore[arg-type]
+        with pytest.raises(InvalidKeyError):
+            await limiter.hit("\udc80")  # a lone surrogate cannot be sent
+        for bad_timeout in (-1, math.inf, math.nan, True, "1", MAX_SECONDS * 2):
+            with pytest.raises(ConfigurationError):
+                await limiter.wait("u", timeout=bad_timeout)  # type: ignore[arg-type]
         with pytest.raises(ConfigurationError):
             RateLimiter(client, [])
         with pytest.raises(ConfigurationError):
             RateLimiter(client, [object()])  # type: ignore[list-item]
         with pytest.raises(ConfigurationError):
+            RateLimiter(client, 5)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError):
             RateLimiter(client, GCRA(1, 1.0), name="")
         with pytest.raises(ConfigurationError):
+            RateLimiter(client, GCRA(1, 1.0), name="n" * 1025)
+        with pytest.raises(ConfigurationError):
+            RateLimiter(client, GCRA(1, 1.0), name=b"bytes")  # type: ignore[arg-type]
+        for bad_max in (0, 64 * 1024 + 1, True, 1.5, None):
+            with pytest.raises(ConfigurationError):
+                RateLimiter(client, GCRA(1, 1.0), max_identity_bytes=bad_max)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError):
             RateLimiter("redis://x", GCRA(1, 1.0))  # type: ignore[arg-type]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        TokenBucket(7, 1.0),
+        GCRA(7, 60.0),
+        GCRA(3, 60.0, burst=7),
+        SlidingWindowLog(7, 60.0),
+        SlidingWindowCounter(7, 60.0),
+        FixedWindow(7, 60.0),
+    ],
+    ids=repr,
+)
+async def test_a_cost_above_the_limit_is_refused_on_every_policy(policy: Policy) -> None:
+    """A cost that could never be admitted is bad input, on every policy alike."""
+    from aioredispatterns.testing import free_port
+
+    client = connect(f"redis://127.0.0.1:{free_port()}/0", retries=0)
+    try:
+        limiter = RateLimiter(client, policy)
+        for method in (limiter.hit, limiter.peek, limiter.wait):
+            with pytest.raises(ConfigurationError, match="smallest capacity"):
+                await method("u", 8)
     finally:
         await client.aclose()
 
@@ -305,6 +390,275 @@ async def test_ttl_set_on_every_path(redis_client: Any, key_prefix: str) -> None
     assert 2_990_000 < bucket_ttl <= 3_000_000
 
 
+# --- costs up to the limit, sizes and spans at their bounds -----------------------------
+
+
+async def script_calls(client: Any) -> int:
+    """How many scripts the server has run so far (EVALSHA and EVAL)."""
+    stats = await client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+
+def _expect_refused_until_a_boundary(
+    policy: Policy, first: RateLimitDecision, denied: RateLimitDecision
+) -> None:
+    """``denied`` should be refused; a fixed window may have turned over in between."""
+    if denied.allowed:
+        assert isinstance(policy, FixedWindow)
+        window = round(policy.window * US)
+        assert us(first) // window != us(denied) // window
+        return
+    assert denied.retry_after > 0
+    assert denied.remaining == 0
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        TokenBucket(10_000, 0.01),
+        GCRA(10_000, 60.0),
+        GCRA(100, 60.0, burst=10_000),
+        SlidingWindowLog(10_000, 60.0),
+        SlidingWindowCounter(10_000, 3600.0),
+        FixedWindow(10_000, 3600.0),
+    ],
+    ids=repr,
+)
+async def test_cost_equal_to_the_limit_is_admitted_on_every_policy(
+    redis_client: Any, key_prefix: str, policy: Policy
+) -> None:
+    limiter = RateLimiter(redis_client, policy, prefix=key_prefix)
+    fresh = await limiter.peek("u", cost=10_000)
+    assert (fresh.allowed, fresh.remaining) == (True, 10_000)
+    first = await limiter.hit("u", cost=10_000)
+    assert (first.allowed, first.remaining) == (True, 0)
+    _expect_refused_until_a_boundary(policy, first, await limiter.hit("u"))
+    await assert_every_key_has_ttl(redis_client, key_prefix)
+
+
+async def test_sliding_log_takes_any_cost_up_to_its_limit(
+    redis_client: Any, key_prefix: str
+) -> None:
+    """SlidingWindowLog(10000, 60).hit(cost=4000) used to fail (Lua unpack limit)."""
+    limiter = RateLimiter(redis_client, SlidingWindowLog(10_000, 60.0), prefix=key_prefix)
+    key = limiter._keys("u")[0]
+    decisions = [await limiter.hit("u", cost) for cost in (4000, 4000, 4000, 2000, 1)]
+    assert [d.allowed for d in decisions] == [True, True, False, True, False]
+    assert [d.remaining for d in decisions] == [6000, 2000, 2000, 0, 0]
+    # One member per admitted hit, whatever its cost: no per-unit work on the server.
+    assert await redis_client.zcard(key) == 3
+    # The refused 4000 waits for the first hit to leave (it frees 4000 >= 2000 needed).
+    refused = decisions[2]
+    assert refused.retry_after == pytest.approx(
+        60.0 - (refused.server_time - decisions[0].server_time), abs=2e-6
+    )
+    # The whole limit at once on a fresh identity, then nothing more.
+    assert (await limiter.hit("v", cost=10_000)).allowed
+    assert not (await limiter.hit("v")).allowed
+    assert await redis_client.zcard(limiter._keys("v")[0]) == 1
+
+
+async def test_sliding_log_huge_cost_is_one_member(redis_client: Any, key_prefix: str) -> None:
+    """cost=10**6 used to add a million members in one script (a ~1 s server stall)."""
+    limiter = RateLimiter(redis_client, SlidingWindowLog(MAX_SIZE, 60.0), prefix=key_prefix)
+    for cost in (10**6, MAX_SIZE - 10**6):
+        assert (await limiter.hit("u", cost)).allowed
+    assert await redis_client.zcard(limiter._keys("u")[0]) == 2
+    refused = await limiter.hit("u")
+    assert not refused.allowed
+    assert (await limiter.peek("u")).remaining == 0
+
+
+async def test_sliding_log_retry_after_finds_the_hits_that_must_leave(
+    redis_client: Any, key_prefix: str
+) -> None:
+    """With hits of several costs, a refused request waits exactly for the oldest hits
+    whose units, once out of the window, make room for it (and no longer)."""
+    window = 60.0
+    limiter = RateLimiter(redis_client, SlidingWindowLog(10, window), prefix=key_prefix)
+    costs = [3, 1, 2, 1, 1]
+    hits = []
+    for cost in costs:
+        hits.append(await limiter.hit("u", cost))
+        await anyio.sleep(0.002)  # distinct server times
+    assert all(d.allowed for d in hits)
+    in_window = sum(costs)  # 8 of 10
+    prefix_sums = [sum(costs[: i + 1]) for i in range(len(costs))]
+    for cost in range(3, 11):
+        need = in_window + cost - 10  # units that must leave first
+        leaving = next(i for i, total in enumerate(prefix_sums) if total >= need)
+        for decision in (await limiter.peek("u", cost), await limiter.hit("u", cost)):
+            assert not decision.allowed
+            expected = hits[leaving].server_time + window - decision.server_time
+            assert decision.retry_after == pytest.approx(expected, abs=2e-6), (cost, leaving)
+    assert await redis_client.zcard(limiter._keys("u")[0]) == len(costs)  # nothing taken
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        TokenBucket(MAX_SIZE, 1e6),
+        GCRA(MAX_SIZE, 1e6),
+        SlidingWindowLog(MAX_SIZE, 60.0),
+        SlidingWindowCounter(MAX_SIZE, 3600.0),
+        FixedWindow(MAX_SIZE, 3600.0),
+    ],
+    ids=lambda p: type(p).__name__,
+)
+async def test_largest_sizes_are_counted_exactly(
+    redis_client: Any, key_prefix: str, policy: Policy
+) -> None:
+    """TokenBucket(2**63, 1.0) used to report remaining=0 on a fresh identity."""
+    limiter = RateLimiter(redis_client, policy, prefix=key_prefix)
+    assert (await limiter.peek("u")).remaining == MAX_SIZE
+    # A fresh identity's first hit is exact to the unit, at the top of the range.
+    assert (await limiter.hit("u")).remaining == MAX_SIZE - 1
+    assert (await limiter.hit("v", cost=MAX_SIZE - 1)).remaining == 1
+    # The whole size at once, then the whole size again is refused.
+    first = await limiter.hit("w", cost=MAX_SIZE)
+    assert (first.allowed, first.remaining) == (True, 0)
+    again = await limiter.hit("w", cost=MAX_SIZE)
+    if isinstance(policy, FixedWindow) and again.allowed:
+        assert us(first) // (3600 * US) != us(again) // (3600 * US)  # a new window
+    else:
+        assert not again.allowed
+        assert again.retry_after > 0
+    assert await redis_client.pttl(limiter._keys("w")[0]) > 0
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        TokenBucket(1, 1.001 / MAX_SECONDS),
+        GCRA(1, MAX_SECONDS),
+        GCRA(1000, MAX_SECONDS),
+        SlidingWindowLog(1, MAX_SECONDS),
+        SlidingWindowCounter(1, MAX_SECONDS),
+        FixedWindow(1, MAX_SECONDS),
+    ],
+    ids=repr,
+)
+async def test_longest_spans_refuse_with_a_real_wait(
+    redis_client: Any, key_prefix: str, policy: Policy
+) -> None:
+    """Ten-year periods still answer exact waits; wait() sleeps instead of spinning."""
+    limiter = RateLimiter(redis_client, policy, prefix=key_prefix)
+    first = await limiter.hit("u", cost=policy.size)
+    assert first.allowed
+    refused = await limiter.hit("u")
+    assert not refused.allowed
+    # The next unit is years away (a fixed window: up to the end of an epoch-aligned
+    # window; a sliding counter: up to two windows), never 0 and never overflowed.
+    assert 0 < refused.retry_after <= 2 * MAX_SECONDS
+    if isinstance(policy, TokenBucket | GCRA | SlidingWindowLog):
+        # One unit's interval (bucket, GCRA) or the window (log), minus the time since.
+        expected = policy.interval_us / US
+        elapsed = refused.server_time - first.server_time
+        assert refused.retry_after == pytest.approx(expected - elapsed, rel=1e-9, abs=1e-5)
+    for key in limiter._keys("u"):
+        assert await redis_client.pttl(key) > 0
+    before = await script_calls(redis_client)
+    with anyio.move_on_after(0.5):
+        await limiter.wait("u")
+    assert await script_calls(redis_client) - before <= 2
+
+
+async def test_wait_never_spins_on_a_refusal_without_a_wait(
+    redis_client: Any, key_prefix: str
+) -> None:
+    """The script's answer when its arithmetic overflowed (GCRA(1, 1e15) used to get
+    there): refused with a wait of 0. wait() sent 17,596 commands a second on it."""
+    limiter = RateLimiter(redis_client, GCRA(1, 60.0), prefix=key_prefix)
+    # Forge the policy arguments beyond the bounds the constructor enforces: a size of 0
+    # and an interval of 1e21 µs, so the wait (1e21 µs) overflows the integer reply.
+    limiter._hit_one = ("1", "1", "2", "0", "1e+21")
+    refused = await limiter.hit("u")
+    assert not refused.allowed
+    assert refused.retry_after > 0  # the floor, not "retry now"
+    before = await script_calls(redis_client)
+    with anyio.move_on_after(1.0):
+        await limiter.wait("u")
+    assert await script_calls(redis_client) - before <= 12  # a 0.1 s floor: ~10
+
+
+# --- identities ---------------------------------------------------------------------------
+
+
+async def test_identity_size_is_bounded_before_any_command(
+    redis_client: Any, key_prefix: str
+) -> None:
+    """A 1 MiB identity used to cost ~2.4 MiB per policy on the server, and stay cached."""
+    from aioredispatterns.testing import free_port
+
+    huge = "x" * (1 << 20)
+    closed = connect(f"redis://127.0.0.1:{free_port()}/0", retries=0)
+    try:
+        limiter = RateLimiter(closed, [GCRA(1, 60.0), SlidingWindowLog(1, 60.0)])
+        for identity in (huge, huge.encode(), "x" * 1025, "é" * 513, b"x" * 1025):
+            for call in (limiter.hit, limiter.peek, limiter.wait, limiter.reset):
+                with pytest.raises(InvalidKeyError, match="1024"):
+                    await call(identity)
+        assert not limiter._key_cache
+    finally:
+        await closed.aclose()
+    # On a real server: nothing runs, nothing is written.
+    limiter = RateLimiter(redis_client, GCRA(1, 60.0), prefix=key_prefix)
+    before = await script_calls(redis_client)
+    with pytest.raises(InvalidKeyError):
+        await limiter.hit(huge)
+    assert await script_calls(redis_client) == before
+    assert [k async for k in redis_client.scan_iter(match=f"{key_prefix}:*")] == []
+    # Up to the limit is fine, in bytes once encoded; the limit can be raised.
+    assert (await limiter.hit("x" * 1024)).allowed
+    assert (await limiter.hit("é" * 512)).allowed
+    roomy = RateLimiter(
+        redis_client, GCRA(1, 60.0), prefix=key_prefix, max_identity_bytes=64 * 1024
+    )
+    assert (await roomy.hit("y" * 64 * 1024)).allowed
+    with pytest.raises(InvalidKeyError):
+        await roomy.hit("y" * (64 * 1024 + 1))
+
+
+async def test_key_cache_is_bounded_in_bytes() -> None:
+    import sys
+
+    from aioredispatterns import ratelimit
+    from aioredispatterns.testing import free_port
+
+    client = connect(f"redis://127.0.0.1:{free_port()}/0", retries=0)
+    try:
+        await _fill_the_key_cache(client, ratelimit._KEY_CACHE_BYTES, sys.getsizeof)
+    finally:
+        await client.aclose()
+
+
+async def _fill_the_key_cache(client: Any, budget: int, sizeof: Callable[[object], int]) -> None:
+    limiter = RateLimiter(
+        client,
+        [GCRA(1, 60.0), SlidingWindowLog(1, 60.0), FixedWindow(1, 60.0)],
+        max_identity_bytes=64 * 1024,
+    )
+
+    def cached_bytes() -> int:
+        return sum(
+            sizeof(i) + sizeof(keys) + sum(sizeof(k) for k in keys)
+            for i, keys in limiter._key_cache.items()
+        )
+
+    for n in range(3000):  # ~1 KiB identities: the byte budget binds before the count
+        limiter._keys(f"{n:04d}" + "i" * 1020)
+        assert limiter._key_cache_bytes <= budget
+        if n % 100 == 0:
+            assert cached_bytes() == limiter._key_cache_bytes
+    assert 0 < len(limiter._key_cache) < 3000
+    limiter._keys("hot")
+    limiter._keys("z" * 64 * 1024)  # too big to cache: it does not flush the hot ones
+    assert "hot" in limiter._key_cache
+    assert "z" * 64 * 1024 not in limiter._key_cache
+    # Keys built for a cached identity are the same as for a fresh one.
+    assert limiter._keys("hot") == RateLimiter(client, limiter.policies)._keys("hot")
+
+
 # --- bounds (hypothesis, real servers) --------------------------------------------------
 
 
@@ -360,7 +714,10 @@ def _policy_strategy() -> st.SearchStrategy[Policy]:
 @given(
     policy=_policy_strategy(),
     schedule=st.lists(
-        st.tuples(st.sampled_from([0.0, 0.0, 0.002, 0.01, 0.03]), st.integers(1, 2)),
+        st.tuples(
+            st.sampled_from([0.0, 0.0, 0.002, 0.01, 0.03]),
+            st.integers(1, 2) | st.integers(1, 6),
+        ),
         min_size=1,
         max_size=25,
     ),
@@ -372,9 +729,10 @@ async def test_admitted_never_exceeds_bound(
     limiter = RateLimiter(client, policy, prefix=f"h{uuid.uuid4().hex[:10]}")
     decisions: list[tuple[RateLimitDecision, int]] = []
     try:
-        for gap, cost in schedule:
+        for gap, wanted in schedule:
             if gap:
                 await anyio.sleep(gap)
+            cost = min(wanted, policy.size)  # a larger cost is bad input
             decisions.append((await limiter.hit("u", cost), cost))
     finally:
         await client.aclose()

@@ -2,7 +2,7 @@
 -- on the server's clock (TIME). Either every limit consumes `cost` or none does.
 -- KEYS[i]      the state key of limit i (all keys share the identity's hash tag)
 -- ARGV[1]      mode: 1 = hit (consume if every limit allows), 0 = peek (never writes)
--- ARGV[2]      cost: units to consume (a positive integer)
+-- ARGV[2]      cost: units to consume (a positive integer, at most every limit's size)
 -- ARGV[3i .. 3i+2]  limit i: kind, size, interval_us
 --              kind 1 token bucket    size = capacity, interval_us = microseconds per token
 --              kind 2 GCRA            size = burst,    interval_us = emission interval
@@ -19,21 +19,51 @@
 --   kinds 1, 2  a string: the theoretical arrival time (TAT) in us. A token bucket of
 --               capacity C refilled every I us is GCRA with burst C and interval I:
 --               tokens = C - (TAT - now) / I, so both share this code.
---   kind 3      a sorted set: one member per admitted unit, scored by its time in us.
+--   kind 3      a sorted set: one member per admitted hit (not per unit), scored by its
+--               time in us and named "<end>:<cost>", where end is a running total of
+--               the units admitted (modulo WRAP). The units in the window are then
+--               newest.end - (oldest.end - oldest.cost), two lookups whatever the cost,
+--               and the wait for a denied request is a binary search over ranks (the
+--               totals grow with the rank). Scores strictly increase (max(now, newest
+--               + 1)), so rank order is admission order even if the clock steps back
+--               or two hits share a microsecond; a hit scored late only stays in the
+--               window longer (never lets more through).
 --   kind 4      a string "window current previous": counts of this and the last window.
 --   kind 5      a string "window count".
--- Numbers written go through string.format: Lua's own conversion keeps 14 digits, too
--- few for a time in microseconds.
+-- Numbers: Lua numbers are doubles, exact for integers up to 2**53 (9.007e15). The
+-- client bounds every size (and so every cost) to 1e12 and every span (a window, a
+-- period, size * interval for kinds 1 and 2) to ten years, 3.2e14 us: server time
+-- (1.7e15 us today) plus two spans stays below 2**53, counts plus a cost below 2e12,
+-- running totals below WRAP. Numbers written go through string.format: Lua's own
+-- conversion keeps 14 digits, too few for a time in microseconds.
 
 local hit = ARGV[1] == '1'
 local cost = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
 
+-- The running total of a sliding log wraps here: far above any count in one window
+-- (<= 1e12), far below 2**53.
+local WRAP = 1e15
+
 local function ms(us)
     local v = math.ceil(us / 1000)
     if v < 1 then v = 1 end
     return v
+end
+
+-- A sliding log member "<end>:<cost>" as two numbers.
+local function entry(member)
+    local e, c = string.match(member, '^(%d+):(%d+)$')
+    return tonumber(e), tonumber(c)
+end
+
+-- Units from a log's oldest in-window hit (which began at total `first`) through the
+-- hit that ended at total `last`.
+local function units(last, first)
+    local d = last - first
+    if d < 0 then d = d + WRAP end
+    return d
 end
 
 -- Phase 1: read every limit's state and decide whether it allows `cost` more units.
@@ -52,15 +82,27 @@ for i = 1, n do
         a[i] = tat
         allowed = tat + (cost - size) * interval <= now
     elseif kind == 3 then
-        local count
+        -- Members scored at or below now - interval have left the window.
+        local gone = string.format('%.0f', now - interval)
+        local first = 0  -- rank of the oldest member still in the window
         if hit then
-            -- Members older than the window no longer count: drop them, then count.
-            redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now - interval))
-            count = redis.call('ZCARD', key)
+            redis.call('ZREMRANGEBYSCORE', key, '-inf', gone)
         else
-            count = redis.call('ZCOUNT', key, string.format('(%.0f', now - interval), '+inf')
+            first = redis.call('ZCOUNT', key, '-inf', gone)
         end
-        a[i] = count
+        local count, last, start, newest = 0, 0, 0, nil
+        local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+        if top[1] then
+            last = entry(top[1])
+            newest = tonumber(top[2])
+            local bottom = redis.call('ZRANGE', key, first, first)
+            if bottom[1] then
+                local e, k = entry(bottom[1])
+                start = e - k
+                count = units(last, start)
+            end
+        end
+        a[i], b[i], c[i] = count, {first, last, start}, newest
         allowed = count + cost <= size
     else
         local idx = math.floor(now / interval)
@@ -109,29 +151,33 @@ for i = 1, n do
             if not ok[i] then retry = tat + (cost - size) * interval - now end
         end
     elseif kind == 3 then
-        local count = a[i]
+        local count, newest = a[i], c[i]
+        local first, last, start = b[i][1], b[i][2], b[i][3]
         if consume then
-            local score = string.format('%.0f', now)
-            local args = {}
-            for k = 1, cost do
-                args[2 * k - 1] = score
-                -- Unique within one microsecond: the in-window count only grows there.
-                args[2 * k] = score .. ':' .. (count + k)
-            end
-            redis.call('ZADD', key, unpack(args))
-            redis.call('PEXPIRE', key, ms(interval))
-            remaining, reset = size - count - cost, interval
+            local score = now
+            if newest and newest >= now then score = newest + 1 end
+            local e = last + cost
+            if e >= WRAP then e = e - WRAP end
+            redis.call('ZADD', key, string.format('%.0f', score),
+                string.format('%.0f:%.0f', e, cost))
+            remaining, reset = size - count - cost, score + interval - now
+            redis.call('PEXPIRE', key, ms(reset))
         else
             remaining = size - count
-            local floor_score = string.format('(%.0f', now - interval)
-            local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-            if newest[2] then reset = math.max(0, tonumber(newest[2]) + interval - now) end
+            if newest then reset = math.max(0, newest + interval - now) end
             if not ok[i] then
-                -- Wait until enough of the oldest units in the window have left it.
-                local oldest = redis.call('ZRANGEBYSCORE', key, floor_score, '+inf',
-                    'WITHSCORES', 'LIMIT', count + cost - size - 1, 1)
-                retry = interval
-                if oldest[2] then retry = tonumber(oldest[2]) + interval - now end
+                -- The request passes once the oldest hits holding at least `need` units
+                -- have left the window: find the first hit whose total since the
+                -- window's start reaches `need` (the newest always does: cost <= size).
+                local need = count + cost - size
+                local lo, hi = first, redis.call('ZCARD', key) - 1
+                while lo < hi do
+                    local mid = math.floor((lo + hi) / 2)
+                    local e = entry(redis.call('ZRANGE', key, mid, mid)[1])
+                    if units(e, start) >= need then hi = mid else lo = mid + 1 end
+                end
+                retry = tonumber(redis.call('ZRANGE', key, lo, lo, 'WITHSCORES')[2])
+                    + interval - now
             end
         end
     else
