@@ -26,6 +26,7 @@ Capability detection (``_capabilities``) is built on :func:`execute`.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -39,6 +40,7 @@ from ._backoff import Backoff
 from ._connection import AnyRedis, is_cluster, state_of
 from ._pipeline import AutoPipeline, PipelineStats, apply_callback
 from ._translate import NoScriptReply, reraise
+from ._transport import cancel_count, guarded, send
 from .errors import (
     CommandError,
     CommandTimeout,
@@ -253,8 +255,9 @@ class Dedicated:
     async def send(self, *args: Arg) -> None:
         """Write one command (its reply is read with :meth:`read`)."""
         self._pending += 1
+        connection = self._connection
         try:
-            await self._connection.send_command(*args, check_health=False)
+            await send(connection, connection.pack_command(*args))
         except BaseException as exc:
             self._broken = True
             if isinstance(exc, Exception):
@@ -315,7 +318,7 @@ class Dedicated:
         packed = connection.pack_commands([tuple(command) for command in commands])
         self._pending += len(commands)
         try:
-            await connection.send_packed_command(packed, check_health=False)
+            await send(connection, packed)
         except BaseException as exc:
             self._broken = True
             if isinstance(exc, Exception):
@@ -343,7 +346,9 @@ class Dedicated:
         self._pending = 0
         try:
             await connection.disconnect(nowait=True)
-            await connection.connect_check_health(check_health=False, retry_socket_connect=False)
+            await guarded(
+                connection.connect_check_health(check_health=False, retry_socket_connect=False)
+            )
         except BaseException as exc:
             self._broken = True
             if isinstance(exc, Exception):
@@ -414,7 +419,13 @@ async def _checkout(
 ) -> tuple[AbstractConnection, Callable[[AbstractConnection], Awaitable[None]]]:
     if not isinstance(client, RedisCluster):
         pool = client.connection_pool
+        before = cancel_count()
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        if cancel_count() > before:
+            # redis-py's handshake swallowed our cancellation (see _transport).
+            with anyio.CancelScope(shield=True):
+                await pool.release(connection)
+            raise asyncio.CancelledError
         return connection, pool.release
     await client.initialize()
     node = client.get_default_node() if key is None else client.get_node_from_key(key)  # type: ignore[arg-type]
@@ -422,7 +433,7 @@ async def _checkout(
         raise rex.ConnectionError("no cluster node is known for this key")
     connection = node.acquire_connection()
     try:
-        await connection.connect()  # type: ignore[no-untyped-call]
+        await guarded(connection.connect())  # type: ignore[no-untyped-call]
     except BaseException:
         node.release(connection)
         raise

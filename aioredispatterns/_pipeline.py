@@ -16,7 +16,7 @@ and replies are read in order (the server answers one connection in order).
   the callers arriving meanwhile gather behind it.
 * Writes go straight to the connection's stream, waiting (up to the socket timeout)
   only when the socket pushes back: redis-py's ``send_packed_command`` would run each
-  write as a task under ``asyncio.wait_for`` (see ``_open_stream_writer``).
+  write as a task under ``asyncio.wait_for`` (see ``_transport``).
 * While the writer waits for its iteration to end, the caller that makes the queue
   ``flush_at`` long writes it at once (a plain, synchronous transport write). The server
   then starts on those commands while the rest of the iteration is still running in
@@ -72,6 +72,7 @@ from redis.connection import PythonRespSerializer
 from redis.typing import EncodableT
 
 from ._connection import AnyRedis
+from ._transport import abort, cancel_count, drain, guarded, open_stream_writer, send
 from .errors import ConfigurationError
 
 try:
@@ -334,7 +335,7 @@ class AutoPipeline:
         other write is pending, which keeps the order of ``_in_flight`` the order on the
         wire. Without an open stream, the writer sends the queue as before.
         """
-        writer = _open_stream_writer(self._connection)
+        writer = open_stream_writer(self._connection)
         if writer is None:
             return  # not known to be open: the writer's path checks and reconnects
         batch = self._take_batch()
@@ -378,13 +379,13 @@ class AutoPipeline:
         return [call for call in batch if not call.future.done()]
 
     async def _write(self, connection: AbstractConnection, batch: list[_Call]) -> None:
-        writer = _open_stream_writer(connection)
+        writer = open_stream_writer(connection)
         if writer is None:
             self._stamp(batch)
             self._in_flight.extend(batch)
             chunks = [part for call in batch for part in call.command]
             try:
-                await connection.send_packed_command(chunks, check_health=False)
+                await send(connection, chunks)
             except BaseException as exc:
                 # A write cut short leaves the stream in an unknown state.
                 self._fail_connection(connection, exc)
@@ -395,7 +396,7 @@ class AutoPipeline:
             return
         self._put_on_wire(writer, batch)
         try:
-            await _drain(writer, connection)
+            await drain(writer, connection)
         except Exception as exc:
             self._fail_connection(connection, exc)
 
@@ -405,10 +406,22 @@ class AutoPipeline:
         client: Redis = self._client  # type: ignore[assignment]
         pool = client.connection_pool
         connection = self._connection
+        if connection is not None and self._in_flight and not connection.is_connected:
+            # Closed under replies still owed (pool.disconnect(), say): those callers
+            # failed with it; a silent reconnect would hand their replies to others.
+            self._fail_connection(connection, rex.ConnectionError("the connection was closed"))
+            await self._release_dead()
+            connection = None
         if connection is None:
             # redis-py retries the connect itself (the client's ``retries``): nothing
             # has been sent, so that is always safe.
+            before = cancel_count()
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            if cancel_count() > before:
+                # redis-py's handshake swallowed our cancellation (see _transport).
+                with anyio.CancelScope(shield=True):
+                    await pool.release(connection)
+                raise asyncio.CancelledError
             self._connection = connection
             return connection  # type: ignore[no-any-return]
         if not self._in_flight:
@@ -416,8 +429,8 @@ class AutoPipeline:
             # timeout) shows as EOF: reconnect before writing, so nothing is lost. A
             # health check (PING) is only safe with no replies outstanding, too.
             try:
-                await pool.ensure_connection(connection)
-                await connection.check_health()  # type: ignore[no-untyped-call]
+                await guarded(pool.ensure_connection(connection))
+                await guarded(connection.check_health())  # type: ignore[no-untyped-call]
             except BaseException as exc:
                 # Cut short (cancelled, failed): the connection's state is unknown.
                 self._fail_connection(connection, exc)
@@ -555,9 +568,7 @@ class AutoPipeline:
             self._timer = None
         failed, self._in_flight = self._in_flight, collections.deque()
         _fail_calls(failed, exc if isinstance(exc, Exception) else rex.ConnectionError(repr(exc)))
-        writer = getattr(connection, "_writer", None)
-        if isinstance(writer, asyncio.StreamWriter):
-            writer.transport.abort()
+        abort(connection)
         self._dead.append(connection)
 
     async def _release_dead(self) -> None:
@@ -645,40 +656,6 @@ def _packer(client: AnyRedis) -> Callable[[tuple[EncodableT, ...]], list[bytes]]
             raise rex.DataError(str(exc)) from None
 
     return pack_hiredis
-
-
-def _open_stream_writer(connection: AbstractConnection | None) -> asyncio.StreamWriter | None:
-    """The asyncio writer of ``connection`` if its stream is known to be open, else None.
-
-    redis-py's only write API, ``send_packed_command``, runs each write under
-    ``asyncio.wait_for`` when a socket timeout is set: a task and a timer per batch,
-    which costs a single caller about a third of its round trip. Writing to the stream
-    directly (and waiting, with the timeout, only when the socket pushes back) avoids
-    that; redis-py has no public synchronous write, so this reads its connection's
-    ``_reader``/``_writer`` and returns None if they are missing or closed.
-    """
-    writer = getattr(connection, "_writer", None)
-    reader = getattr(connection, "_reader", None)
-    if not isinstance(writer, asyncio.StreamWriter) or not isinstance(reader, asyncio.StreamReader):
-        return None
-    if writer.is_closing() or reader.at_eof():
-        return None
-    return writer
-
-
-async def _drain(writer: asyncio.StreamWriter, connection: AbstractConnection) -> None:
-    """Wait until the socket takes the buffered bytes, if it must, for at most the
-    connection's socket timeout. Below the transport's high-water mark nothing waits."""
-    transport = writer.transport
-    if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
-        return
-    try:
-        with anyio.fail_after(connection.socket_timeout):
-            await writer.drain()
-    except TimeoutError:
-        raise rex.TimeoutError("Timeout writing to socket") from None
-    except OSError as exc:
-        raise rex.ConnectionError(f"Error while writing to socket: {exc}") from exc
 
 
 def _fail_calls(calls: Iterable[_Call], exc: Exception) -> None:

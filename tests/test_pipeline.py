@@ -306,12 +306,12 @@ async def test_writes_take_the_direct_stream_path(redis_client: Redis) -> None:
     """The fast write path reads redis-py's connection streams (no public synchronous
     write exists); if a redis-py release renames them, writes silently fall back to the
     slow path, so this fails instead."""
-    from aioredispatterns._pipeline import _open_stream_writer
+    from aioredispatterns._transport import open_stream_writer
 
     assert await execute(redis_client, "PING") is True
     pipeline = state_of(redis_client).pipeline
     assert pipeline is not None
-    assert _open_stream_writer(pipeline.kept_connection) is not None
+    assert open_stream_writer(pipeline.kept_connection) is not None
 
 
 async def test_a_long_iteration_is_written_in_chunks_as_it_queues(

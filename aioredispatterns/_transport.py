@@ -1,0 +1,96 @@
+"""Writes to redis-py connections, and the one adapter for the private parts it touches.
+
+redis-py's only write API, ``send_packed_command``, runs each write under
+``asyncio.wait_for`` when a socket timeout is set. That costs a task and a timer per write
+(about a third of a single caller's round trip), and on Python 3.11 ``wait_for`` *loses a
+native cancellation* that arrives in the same loop step as the write completes: it
+returns the result and the task runs on as if never cancelled (anyio's cancel scopes
+re-deliver, a plain ``Task.cancel()`` is gone). So the command layer writes to the
+connection's asyncio stream directly (:func:`send`), waiting with the socket timeout only
+when the socket pushes back, and wraps the redis-py calls it cannot avoid (connect and
+handshake, health checks) in :func:`guarded`, which re-raises a swallowed cancellation.
+
+redis-py has no public synchronous write, so :func:`open_stream_writer` reads the
+connection's ``_reader``/``_writer``; when they are missing (another redis-py version)
+everything falls back to the public path. A test fails if a release renames them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, TypeVar
+
+import anyio
+from redis import exceptions as rex
+
+if TYPE_CHECKING:
+    from redis.asyncio.connection import AbstractConnection
+
+__all__ = ("abort", "cancel_count", "drain", "guarded", "open_stream_writer", "send")
+
+T = TypeVar("T")
+
+
+def open_stream_writer(connection: AbstractConnection | None) -> asyncio.StreamWriter | None:
+    """The asyncio writer of ``connection`` if its stream is known to be open, else None."""
+    writer = getattr(connection, "_writer", None)
+    reader = getattr(connection, "_reader", None)
+    if not isinstance(writer, asyncio.StreamWriter) or not isinstance(reader, asyncio.StreamReader):
+        return None
+    if writer.is_closing() or reader.at_eof():
+        return None
+    return writer
+
+
+def abort(connection: AbstractConnection) -> None:
+    """Close ``connection``'s socket at once (synchronously): a read blocked on it fails."""
+    writer = getattr(connection, "_writer", None)
+    if isinstance(writer, asyncio.StreamWriter):
+        writer.transport.abort()
+
+
+async def drain(writer: asyncio.StreamWriter, connection: AbstractConnection) -> None:
+    """Wait until the socket takes the buffered bytes, if it must, for at most the
+    connection's socket timeout. Below the transport's high-water mark nothing waits."""
+    transport = writer.transport
+    if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+        return
+    try:
+        with anyio.fail_after(connection.socket_timeout):
+            await writer.drain()
+    except TimeoutError:
+        raise rex.TimeoutError("Timeout writing to socket") from None
+    except OSError as exc:
+        raise rex.ConnectionError(f"Error while writing to socket: {exc}") from exc
+
+
+async def send(connection: AbstractConnection, chunks: list[bytes]) -> None:
+    """Write already packed ``chunks`` to ``connection``.
+
+    Never reconnects: a connection that is not open raises ``ConnectionError`` (a silent
+    reconnect under replies still owed would hand them to the wrong callers).
+    """
+    writer = open_stream_writer(connection)
+    if writer is not None:
+        writer.writelines(chunks)
+        await drain(writer, connection)
+        return
+    if not connection.is_connected:
+        raise rex.ConnectionError("the connection is closed")
+    await guarded(connection.send_packed_command(chunks, check_health=False))
+
+
+def cancel_count() -> int:
+    """How many cancellation requests the current task has pending (see :func:`guarded`)."""
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
+
+
+async def guarded(awaitable: Awaitable[T]) -> T:
+    """Await a redis-py call that may swallow a native cancellation; re-raise it if so."""
+    before = cancel_count()
+    result = await awaitable
+    if cancel_count() > before:
+        raise asyncio.CancelledError("cancelled during a redis-py call that kept its result")
+    return result
