@@ -1,0 +1,87 @@
+"""Native ``Task.cancel()`` (not an anyio scope) is never lost, and a connection closed
+under replies still owed never hands them to the wrong callers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+from aioredispatterns import Lock, connect
+from aioredispatterns._commands import execute
+from aioredispatterns._connection import state_of
+from aioredispatterns.testing import RedisServer
+
+
+@pytest.fixture
+def own_server(redis_server: RedisServer) -> Iterator[RedisServer]:
+    if not redis_server.owned:
+        pytest.skip("needs a server this suite started")
+    with RedisServer(redis_server.binary, name="native-cancel") as server:
+        yield server
+
+
+async def test_a_cancelled_lock_waiter_never_enters_the_body(own_server: RedisServer) -> None:
+    """Cancelled at every step of its start (connect, handshake, BLPOP send): redis-py's
+    wait_for used to keep the result and the waiter then ran the lock body."""
+    holder = connect(own_server.url)
+    try:
+        for steps in range(30):
+            client = connect(own_server.url, socket_timeout=0.5)  # fresh: it connects too
+            lease = await Lock(holder, "L", ttl=5).acquire()
+            entered: list[bool] = []
+
+            async def waiter(client: object = client, entered: list[bool] = entered) -> None:
+                async with Lock(client, "L", ttl=5, timeout=3):  # type: ignore[arg-type]
+                    entered.append(True)
+
+            task = asyncio.get_running_loop().create_task(waiter())
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.sleep(0.05)
+            await lease.release()
+            with anyio.fail_after(10):
+                await asyncio.wait({task})
+            assert task.cancelled(), f"cancel lost after {steps} steps: {task!r}"
+            assert not entered
+            await client.aclose()
+    finally:
+        await holder.aclose()
+
+
+async def test_replies_owed_on_a_closed_connection_never_shift(own_server: RedisServer) -> None:
+    client = connect(own_server.url, socket_timeout=0.5)
+    try:
+        await execute(client, "SET", "a", "A")
+        await execute(client, "SET", "b", "B")
+        pipeline = state_of(client).pipeline
+        assert pipeline is not None
+        tried = 0
+        for attempt in range(200):
+            # A caller leaves right after its command was written: its reply is owed.
+            task = asyncio.get_running_loop().create_task(execute(client, "GET", "a"))
+            for _ in range(attempt % 4 + 1):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.wait({task})
+            if not pipeline._in_flight or pipeline._reader is not None:
+                await execute(client, "PING")
+                continue
+            tried += 1
+            await client.connection_pool.disconnect()  # redis-py's public API
+            got: dict[str, object] = {}
+
+            async def get(key: str, got: dict[str, object] = got) -> None:
+                got[key] = await execute(client, "GET", key)
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(get, "a")
+                    tg.start_soon(get, "b")
+            assert got == {"a": b"A", "b": b"B"}
+        assert tried, "never caught a reply in flight"
+    finally:
+        await client.aclose()
