@@ -30,11 +30,21 @@ def _encode(value: object, out: list[str]) -> None:
     elif value is False:
         out.append("F")
     elif isinstance(value, int):
-        out.append(f"i{int(value)};")
+        # Decimal printing stops at 4300 digits: huge ints go in hex, under their own tag.
+        out.append(f"i{int(value)};" if value.bit_length() < 10_000 else f"I{int(value):x};")
     elif isinstance(value, float):
         out.append(f"f{float(value)!r};")
     elif isinstance(value, str):
-        out.append(f"s{len(value)}:{value}")
+        if value.isascii():
+            out.append(f"s{len(value)}:{value}")
+        else:
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                # A lone surrogate cannot be part of a key: its code units, in hex.
+                out.append(f"S{value.encode('utf-8', 'surrogatepass').hex()};")
+            else:
+                out.append(f"s{len(value)}:{value}")
     elif isinstance(value, bytes | bytearray | memoryview):
         out.append(f"b{bytes(value).hex()};")
     elif isinstance(value, tuple | list):

@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 
-from ._commands import execute
+from ._commands import execute, execute_initialize
 from ._connection import AnyRedis, is_cluster, state_of
 from .errors import CommandError
 
@@ -75,7 +75,7 @@ async def server_info(client: AnyRedis) -> ServerInfo:
 
 async def _node_options(client: AnyRedis) -> dict[str, Any]:
     if is_cluster(client):
-        await client.initialize()
+        await execute_initialize(client)
         return {"target_nodes": client.get_default_node()}  # type: ignore[union-attr]
     return {}
 

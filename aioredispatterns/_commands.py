@@ -38,7 +38,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from ._backoff import Backoff
 from ._connection import AnyRedis, is_cluster, state_of
-from ._pipeline import AutoPipeline, PipelineStats, apply_callback
+from ._pipeline import AutoPipeline, PipelineStats, apply_callback, packer_of
 from ._translate import NoScriptReply, reraise
 from ._transport import cancel_count, guarded, send
 from .errors import (
@@ -60,6 +60,7 @@ __all__ = (
     "dedicated",
     "execute",
     "execute_blocking",
+    "execute_initialize",
     "execute_many",
     "execute_script",
     "node_of",
@@ -254,10 +255,13 @@ class Dedicated:
 
     async def send(self, *args: Arg) -> None:
         """Write one command (its reply is read with :meth:`read`)."""
-        self._pending += 1
-        connection = self._connection
         try:
-            await send(connection, connection.pack_command(*args))
+            chunks = packer_of(self._client)(args)  # bad input fails here, nothing sent
+        except Exception as exc:
+            reraise(exc)
+        self._pending += 1
+        try:
+            await send(self._connection, chunks)
         except BaseException as exc:
             self._broken = True
             if isinstance(exc, Exception):
@@ -315,7 +319,11 @@ class Dedicated:
     async def batch(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """Write ``commands`` in one go and read every reply; raise the first error reply."""
         connection = self._connection
-        packed = connection.pack_commands([tuple(command) for command in commands])
+        pack = packer_of(self._client)
+        try:
+            packed = [chunk for command in commands for chunk in pack(tuple(command))]
+        except Exception as exc:
+            reraise(exc)
         self._pending += len(commands)
         try:
             await send(connection, packed)
@@ -360,6 +368,20 @@ class Dedicated:
         """Close the socket now: a read in progress elsewhere fails with ConnectionFailed."""
         self._broken = True
         await self._connection.disconnect(nowait=True)
+
+
+async def execute_initialize(client: AnyRedis) -> None:
+    """Load a cluster client's slot map if it has none yet (nothing on a standalone one).
+
+    Raises:
+        ConfigurationError: the server is not a cluster node.
+        ConnectionFailed: the cluster could not be reached.
+    """
+    if isinstance(client, RedisCluster):
+        try:
+            await client.initialize()
+        except Exception as exc:
+            reraise(exc)
 
 
 async def node_of(client: AnyRedis, key: KeyT) -> str | None:

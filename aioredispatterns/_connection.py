@@ -7,6 +7,7 @@ and dies with the client, and two clients never share it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -40,6 +41,7 @@ class ClientState:
         "client",
         "info",
         "info_lock",
+        "packer",
         "pipeline",
         "retries",
     )
@@ -54,6 +56,7 @@ class ClientState:
         self.info: ServerInfo | None = None
         self.info_lock: anyio.Lock | None = None
         self.pipeline: AutoPipeline | None = None
+        self.packer: Callable[[tuple[Any, ...]], list[bytes]] | None = None
 
 
 def check_client(client: object) -> AnyRedis:
@@ -220,7 +223,12 @@ def connect(
     """
     if not isinstance(url, str) or not url:
         raise ConfigurationError("url must be a non-empty str")
-    url, cluster_from_url = _split_cluster_url(url)
+    try:
+        url, cluster_from_url = _split_cluster_url(url)
+    except ValueError as exc:  # urlsplit: an unbalanced IPv6 bracket and the like
+        if isinstance(exc, ConfigurationError):
+            raise
+        raise ConfigurationError(f"malformed URL {url!r}: {exc}") from None
     use_cluster = cluster_from_url if cluster is None else cluster
     if cluster is not None:
         check_flag("cluster", cluster)
@@ -256,20 +264,31 @@ def connect(
         "driver_info": None,
         **redis_options,
     }
-    if username is not None:
-        options["username"] = username
-    if password is not None:
-        options["password"] = password
+    for name, credential in (("username", username), ("password", password)):
+        if credential is not None:
+            if not isinstance(credential, str):
+                raise ConfigurationError(f"{name} must be a str, got {type(credential).__name__}")
+            try:
+                credential.encode()
+            except UnicodeEncodeError:
+                raise ConfigurationError(f"{name} is not valid Unicode") from None
+            options[name] = credential
 
     client: Redis | RedisCluster
-    if use_cluster:
-        client = RedisCluster.from_url(url, max_connections=max_connections, retry=retry, **options)
-    else:
-        pool = BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=pool_timeout, retry=retry, **options
-        )
-        # from_pool: closing the client closes the pool it owns.
-        client = Redis.from_pool(pool)
+    try:
+        if use_cluster:
+            client = RedisCluster.from_url(
+                url, max_connections=max_connections, retry=retry, **options
+            )
+        else:
+            pool = BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=pool_timeout, retry=retry, **options
+            )
+            # from_pool: closing the client closes the pool it owns.
+            client = Redis.from_pool(pool)
+    except (ValueError, TypeError) as exc:
+        # redis-py parses the URL and options here (a port out of range, a bad query).
+        raise ConfigurationError(f"cannot build a client for {url!r}: {exc}") from None
     set_state(
         client,
         auto_pipeline=auto_pipeline,

@@ -71,7 +71,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.connection import PythonRespSerializer
 from redis.typing import EncodableT
 
-from ._connection import AnyRedis
+from ._connection import AnyRedis, state_of
 from ._transport import abort, cancel_count, drain, guarded, open_stream_writer, send
 from .errors import ConfigurationError
 
@@ -171,7 +171,7 @@ class AutoPipeline:
         self._max_batch = max_batch
         self._max_bytes = max_batch_bytes
         self._flush_at = flush_at
-        self._pack = _packer(client)
+        self._pack = packer_of(client)
         self._timeout: float | None = (
             None
             if self._cluster
@@ -630,18 +630,40 @@ class AutoPipeline:
             raise cancelled
 
 
+def packer_of(client: AnyRedis) -> Callable[[tuple[EncodableT, ...]], list[bytes]]:
+    """The client's packer (built once per client): see :func:`_packer`."""
+    state = state_of(client)
+    if state.packer is None:
+        state.packer = _packer(client)
+    return state.packer
+
+
+# hiredis packs ints itself and crashes the process (not an exception) on one of more
+# than 4300 digits: anything outside 64 bits goes through redis-py's Python packer, which
+# raises instead.
+_MIN_INT = -(2**63)
+_MAX_INT = 2**64 - 1
+
+
 def _packer(client: AnyRedis) -> Callable[[tuple[EncodableT, ...]], list[bytes]]:
-    """The fastest packer that encodes exactly as redis-py's encoder would."""
+    """The fastest packer that encodes exactly as redis-py's encoder would.
+
+    An argument that cannot be encoded (a bool, None, a lone surrogate, an int too large
+    to print) raises redis-py's ``DataError`` (bad input: nothing was sent).
+    """
     if isinstance(client, RedisCluster):
         encoder = client.get_encoder()
     else:
         encoder = client.connection_pool.get_encoder()  # type: ignore[no-untyped-call]
     python = PythonRespSerializer(_BUFFER_CUTOFF, encoder.encode)
-    if hiredis is None or encoder.encoding.lower().replace("-", "") != "utf8":
 
-        def pack_python(args: tuple[EncodableT, ...]) -> list[bytes]:
+    def pack_python(args: tuple[EncodableT, ...]) -> list[bytes]:
+        try:
             return python.pack(*args)  # type: ignore[no-untyped-call,no-any-return]
+        except (ValueError, UnicodeError) as exc:
+            raise rex.DataError(f"a command argument cannot be encoded: {exc}") from None
 
+    if hiredis is None or encoder.encoding.lower().replace("-", "") != "utf8":
         return pack_python
 
     pack_command = hiredis.pack_command
@@ -649,10 +671,13 @@ def _packer(client: AnyRedis) -> Callable[[tuple[EncodableT, ...]], list[bytes]]
     def pack_hiredis(args: tuple[EncodableT, ...]) -> list[bytes]:
         first = args[0]
         if (" " in first) if isinstance(first, str) else (b" " in first):  # type: ignore[operator]
-            return python.pack(*args)  # type: ignore[no-untyped-call,no-any-return]
+            return pack_python(args)
+        for arg in args:
+            if arg.__class__ is int and not _MIN_INT <= arg <= _MAX_INT:
+                return pack_python(args)
         try:
             return [pack_command(args)]  # type: ignore[arg-type]
-        except TypeError as exc:  # what redis-py's encoder calls DataError (e.g. a bool)
+        except (TypeError, UnicodeError) as exc:  # redis-py's encoder calls these DataError
             raise rex.DataError(str(exc)) from None
 
     return pack_hiredis

@@ -27,7 +27,14 @@ from ._backoff import full_jitter
 from ._commands import Dedicated, dedicated, node_of
 from ._connection import AnyRedis
 from ._scope import background
-from ._validate import check_choice, check_count, check_name, check_number, check_seconds
+from ._validate import (
+    check_choice,
+    check_count,
+    check_items,
+    check_name,
+    check_number,
+    check_seconds,
+)
 from .errors import CommandTimeout, ConfigurationError, ConnectionFailed, RedisPatternsError
 
 logger = logging.getLogger("aioredispatterns.pubsub")
@@ -262,10 +269,8 @@ class Sink:
 
 
 def _names(values: Iterable[str | bytes], what: str) -> list[bytes]:
-    if isinstance(values, str | bytes):
-        raise ConfigurationError(f"{what} names must be given as a list, not one str/bytes")
     found: list[bytes] = []
-    for value in values:
+    for value in check_items(f"{what} names", values):
         checked = check_name(f"{what} name", value)
         raw = checked.encode() if isinstance(checked, str) else checked
         if raw not in found:

@@ -65,9 +65,11 @@ def translate(exc: BaseException) -> RedisPatternsError | None:
         return ConfigurationError(f"a command argument cannot be sent: {message}")
     if isinstance(exc, rex.RedisError):
         return CommandError(message or type(exc).__name__)
-    if isinstance(exc, rex.RedisClusterException) and "not enabled" in message.lower():
-        # cluster=True (or a redis+cluster:// URL) against a standalone server.
-        return ConfigurationError(f"the server is not a cluster node: {message}")
+    if isinstance(exc, rex.RedisClusterException):
+        if "not enabled" in message.lower():
+            # cluster=True (or a redis+cluster:// URL) against a standalone server.
+            return ConfigurationError(f"the server is not a cluster node: {message}")
+        return ConnectionFailed(message or "the cluster could not be reached")
     if isinstance(exc, ConnectionError | OSError):
         return ConnectionFailed(message or type(exc).__name__)
     # Anything else came out of redis-py's internals mid-command (a connection closed

@@ -23,7 +23,7 @@ The bounds, once:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, Final, TypeVar
 
 from .errors import ConfigurationError, InvalidKeyError
@@ -33,12 +33,15 @@ __all__ = (
     "MAX_NAME_BYTES",
     "MAX_SECONDS",
     "check_callable",
+    "check_items",
+    "check_pairs",
     "check_choice",
     "check_count",
     "check_flag",
     "check_name",
     "check_number",
     "check_seconds",
+    "shown",
 )
 
 #: The longest duration accepted anywhere, in seconds (ten years).
@@ -49,6 +52,28 @@ MAX_COUNT: Final = 2**53
 MAX_NAME_BYTES: Final = 1024
 
 T = TypeVar("T")
+
+# How much of a rejected value an error message shows.
+_SHOWN = 60
+
+
+def shown(value: object) -> str:
+    """A short, always printable form of ``value`` for an error message.
+
+    ``repr`` itself can fail (an int of more than 4300 digits) or be huge (a 10 MB str).
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"<an int of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<a {type(value).__name__}>"
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
+def _finite(value: int | float) -> bool:
+    # math.isfinite() overflows on an int too large for a float: any int is finite.
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def check_number(
@@ -61,15 +86,15 @@ def check_number(
 ) -> float:
     """A finite int or float (not a bool) within ``[minimum, maximum]`` and ``> above``."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(f"{name} must be a number, got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigurationError(f"{name} must be finite, got {value!r}")
+        raise ConfigurationError(f"{name} must be a number, got {shown(value)}")
+    if not _finite(value):
+        raise ConfigurationError(f"{name} must be finite, got {shown(value)}")
     if minimum is not None and value < minimum:
-        raise ConfigurationError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ConfigurationError(f"{name} must be >= {minimum}, got {shown(value)}")
     if above is not None and value <= above:
-        raise ConfigurationError(f"{name} must be > {above}, got {value!r}")
+        raise ConfigurationError(f"{name} must be > {above}, got {shown(value)}")
     if maximum is not None and value > maximum:
-        raise ConfigurationError(f"{name} must be <= {maximum}, got {value!r}")
+        raise ConfigurationError(f"{name} must be <= {maximum}, got {shown(value)}")
     return float(value) if isinstance(value, float) else value
 
 
@@ -84,31 +109,33 @@ def check_seconds(
     """A duration in seconds: > 0 (>= 0 with ``zero``), at least ``minimum``, finite and
     at most ``maximum`` (ten years by default)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(f"{name} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigurationError(f"{name} must be a finite number of seconds, got {value!r}")
+        raise ConfigurationError(f"{name} must be a number of seconds, got {shown(value)}")
+    if not _finite(value):
+        raise ConfigurationError(f"{name} must be a finite number of seconds, got {shown(value)}")
     if value < 0 or (value == 0 and not zero):
-        raise ConfigurationError(f"{name} must be {'>= 0' if zero else '> 0'} s, got {value!r}")
+        raise ConfigurationError(
+            f"{name} must be {'>= 0' if zero else '> 0'} s, got {shown(value)}"
+        )
     if minimum is not None and value < minimum:
-        raise ConfigurationError(f"{name} must be at least {minimum} s, got {value!r}")
+        raise ConfigurationError(f"{name} must be at least {minimum} s, got {shown(value)}")
     if value > maximum:
-        raise ConfigurationError(f"{name} must be at most {maximum:g} s, got {value!r}")
+        raise ConfigurationError(f"{name} must be at most {maximum:g} s, got {shown(value)}")
     return float(value)
 
 
 def check_count(name: str, value: object, *, minimum: int = 0, maximum: int = MAX_COUNT) -> int:
     """An ``int`` (not a bool) within ``[minimum, maximum]``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationError(f"{name} must be an int, got {value!r}")
+        raise ConfigurationError(f"{name} must be an int, got {shown(value)}")
     if not minimum <= value <= maximum:
-        raise ConfigurationError(f"{name} must be in [{minimum}, {maximum}], got {value!r}")
+        raise ConfigurationError(f"{name} must be in [{minimum}, {maximum}], got {shown(value)}")
     return value
 
 
 def check_flag(name: str, value: object) -> bool:
     """A ``bool`` (``1`` or ``"no"`` are refused: they read as the opposite too easily)."""
     if not isinstance(value, bool):
-        raise ConfigurationError(f"{name} must be True or False, got {value!r}")
+        raise ConfigurationError(f"{name} must be True or False, got {shown(value)}")
     return value
 
 
@@ -120,7 +147,7 @@ def check_choice(name: str, value: T, choices: Collection[Any]) -> T:
         ok = False
     if not ok:
         listed = ", ".join(repr(c) for c in choices)
-        raise ConfigurationError(f"{name} must be one of {listed}, got {value!r}")
+        raise ConfigurationError(f"{name} must be one of {listed}, got {shown(value)}")
     return value
 
 
@@ -129,6 +156,29 @@ def check_callable(name: str, value: object) -> Callable[..., Any]:
     if not callable(value):
         raise ConfigurationError(f"{name} must be callable, got {type(value).__name__}")
     return value
+
+
+def check_items(name: str, value: object) -> list[Any]:
+    """The items of an iterable (a list, a tuple, a generator ...), as a list.
+
+    A ``str`` or ``bytes`` is refused: iterating one gives characters, never what was meant.
+    """
+    if isinstance(value, str | bytes | bytearray | memoryview) or not isinstance(value, Iterable):
+        raise ConfigurationError(
+            f"{name} must be an iterable (a list, a tuple ...), got {type(value).__name__}"
+        )
+    return list(value)
+
+
+def check_pairs(name: str, value: object) -> list[tuple[Any, Any]]:
+    """``(key, value)`` pairs from a mapping or an iterable of 2-item sequences."""
+    items = list(value.items()) if isinstance(value, dict) else check_items(name, value)
+    pairs: list[tuple[Any, Any]] = []
+    for item in items:
+        if isinstance(item, str | bytes) or not isinstance(item, tuple | list) or len(item) != 2:
+            raise ConfigurationError(f"{name} must hold (key, value) pairs, got {shown(item)}")
+        pairs.append((item[0], item[1]))
+    return pairs
 
 
 def check_name(what: str, value: object, *, max_bytes: int = MAX_NAME_BYTES) -> str | bytes:
@@ -147,7 +197,7 @@ def check_name(what: str, value: object, *, max_bytes: int = MAX_NAME_BYTES) -> 
             size = len(value.encode())
         except UnicodeEncodeError:
             raise InvalidKeyError(
-                f"{what} is not valid Unicode (a lone surrogate): {value[:40]!r}"
+                f"{what} is not valid Unicode (a lone surrogate): {shown(value)}"
             ) from None
     elif isinstance(value, bytes):
         if not value:

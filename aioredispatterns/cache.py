@@ -57,10 +57,13 @@ from ._scope import background
 from ._scripts import Script
 from ._validate import (
     MAX_NAME_BYTES,
+    check_callable,
     check_choice,
     check_count,
     check_flag,
+    check_items,
     check_number,
+    check_pairs,
     check_seconds,
 )
 from .errors import ConfigurationError, RedisPatternsError
@@ -514,6 +517,9 @@ class Cache(AsyncContextManagerMixin):
         Cancellation: only this caller stops waiting; the load goes on for the others
         and still fills the cache when it completes.
         """
+        check_callable("loader", loader)
+        if ttl is not UNSET:
+            _check_seconds("ttl", ttl, allow_none=True)
         ks = self._keys(key)
         rkey = ks.base
         flight = self._flights.get(rkey)
@@ -604,7 +610,7 @@ class Cache(AsyncContextManagerMixin):
         misses and cached "not found" entries are left out. Never loads.
         Cancellation: nothing to undo (reads).
         """
-        wanted = list(keys)
+        wanted = check_items("keys", keys)
         replies = await execute_many(
             self._client, [("GET", self._keys(k).base) for k in wanted], idempotent=True
         )
@@ -658,8 +664,9 @@ class Cache(AsyncContextManagerMixin):
 
         Cancellation: some batches may have been written, others not.
         """
+        check_flag("only_missing", only_missing)
         seconds = self._resolve_ttl(ttl)
-        pairs = items.items() if isinstance(items, Mapping) else items
+        pairs = list(items.items()) if isinstance(items, Mapping) else check_pairs("items", items)
         commands: list[tuple[Any, ...]] = []
         for key, value in pairs:
             encoded = self._encode(key, value, seconds=seconds, delta_ms=0, negative=value is None)

@@ -54,7 +54,6 @@ import abc
 import asyncio
 import contextlib
 import logging
-import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -70,7 +69,7 @@ from ._commands import Arg, execute, execute_blocking
 from ._connection import AnyRedis, check_client, is_cluster
 from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, keyspace
 from ._scripts import Script
-from ._validate import check_count
+from ._validate import check_count, check_flag, check_seconds
 from .errors import (
     CommandTimeout,
     ConfigurationError,
@@ -140,15 +139,8 @@ class LockLost(LockNotOwned):
 def _seconds(name: str, value: object, *, allow_none: bool = False, minimum: float = 0.0) -> None:
     if value is None and allow_none:
         return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < minimum
-    ):
-        raise ConfigurationError(
-            f"{name} must be a finite number of seconds >= {minimum}, got {value!r}"
-        )
+    # At most ten years (_validate.MAX_SECONDS): TTLs become milliseconds on the server.
+    check_seconds(name, value, zero=minimum == 0, minimum=minimum or None)
 
 
 def _ms(seconds: float) -> int:
@@ -285,7 +277,7 @@ class _LeaseManager(abc.ABC):
         self._ttl_ms = _ms(self._ttl)
         self._fence_ms = _fence_ms(fence_ttl)
         self._timeout = timeout
-        self._cancel_on_loss = bool(cancel_on_loss)
+        self._cancel_on_loss = check_flag("cancel_on_loss", cancel_on_loss)
         self._entered: dict[int, AbstractAsyncContextManager[Lease] | None] = {}
 
     @property
@@ -345,6 +337,7 @@ class _LeaseManager(abc.ABC):
         reached the server, the owner id is compare-and-deleted (shielded, bounded).
         """
         _seconds("timeout", timeout, allow_none=True)
+        check_flag("blocking", blocking)
         deadline = None if timeout is None else anyio.current_time() + timeout
         owner = _new_owner()
         while True:

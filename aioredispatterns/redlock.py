@@ -45,7 +45,7 @@ from ._capabilities import server_info
 from ._connection import AnyRedis, check_client, is_cluster
 from ._keys import DEFAULT_PREFIX, keyspace
 from ._scripts import Script, delete_if_equal
-from ._validate import check_number
+from ._validate import check_items, check_number
 from .errors import CommandError, ConfigurationError, ConnectionFailed, RedisPatternsError
 from .lock import _CLEANUP_TIMEOUT, DEFAULT_FENCE_TTL, _LeaseManager, _seconds
 
@@ -136,7 +136,7 @@ class Redlock(_LeaseManager):
         fence_ttl: float | None = DEFAULT_FENCE_TTL,
         release_timeout: float = _CLEANUP_TIMEOUT,
     ) -> None:
-        self._clients = [check_client(c) for c in clients]
+        self._clients = [check_client(c) for c in check_items("clients", clients)]
         if not self._clients:
             raise ConfigurationError("Redlock needs at least one client")
         if len({id(c) for c in self._clients}) != len(self._clients):

@@ -256,6 +256,9 @@ class JsonSerializer:
     __slots__ = ("_orjson",)
 
     def __init__(self, *, use_orjson: bool | None = None) -> None:
+        if use_orjson is not None and not isinstance(use_orjson, bool):
+            kind = type(use_orjson).__name__
+            raise ConfigurationError(f"use_orjson must be None, True or False, got a {kind}")
         module: Any = None
         if use_orjson is not False:
             try:
@@ -285,6 +288,7 @@ class JsonSerializer:
             raise SerializationError(f"value is not JSON-serializable: {exc}") from exc
 
     def loads(self, data: bytes) -> Any:
+        _check_bytes(data)
         try:
             if self._orjson is not None:
                 return self._orjson.loads(data)
@@ -335,12 +339,16 @@ class RawSerializer:
         if isinstance(value, bytes):
             return value
         if isinstance(value, str):
-            return value.encode()
+            try:
+                return value.encode()
+            except UnicodeEncodeError as exc:
+                raise SerializationError(f"str is not valid Unicode: {exc}") from None
         if isinstance(value, bytearray | memoryview):
             return bytes(value)
         raise SerializationError(f"RawSerializer stores bytes or str, not {type(value).__name__}")
 
     def loads(self, data: bytes) -> Any:
+        _check_bytes(data)
         return bytes(data)
 
     def __repr__(self) -> str:
@@ -353,9 +361,18 @@ _PICKLE_HEADER_SIZE: Final = len(_PICKLE_VERSION) + _MAC_SIZE
 _MIN_KEY_BYTES: Final = 16
 
 
+def _check_bytes(data: object) -> None:
+    # What Redis hands back is bytes; anything else is a caller's mistake.
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise SerializationError(f"loads() takes bytes, got {type(data).__name__}")
+
+
 def _pickle_key(key: object, name: str) -> bytes:
     if isinstance(key, str):
-        key = key.encode()
+        try:
+            key = key.encode()
+        except UnicodeEncodeError:
+            raise ConfigurationError(f"{name} is not valid Unicode") from None
     if not isinstance(key, bytes):
         raise ConfigurationError(f"{name} must be bytes or str, got {type(key).__name__}")
     if len(key) < _MIN_KEY_BYTES:
@@ -396,7 +413,7 @@ class PickleSerializer:
         previous_keys: keys that still verify but no longer sign, for rotation: deploy the
             new key with the old one here, wait until every old payload has expired or been
             rewritten, then drop it.
-        protocol: the pickle protocol for :meth:`dumps`.
+        protocol: the pickle protocol for :meth:`dumps` (None: pickle's default).
 
     Raises:
         ConfigurationError: a key that is too short or neither bytes nor str (leaving
@@ -410,14 +427,20 @@ class PickleSerializer:
         *,
         key: bytes | str,
         previous_keys: Iterable[bytes | str] = (),
-        protocol: int = pickle.HIGHEST_PROTOCOL,
+        protocol: int | None = pickle.HIGHEST_PROTOCOL,
     ) -> None:
-        if isinstance(previous_keys, bytes | str):
+        if isinstance(previous_keys, bytes | str) or not isinstance(previous_keys, Iterable):
             raise ConfigurationError("previous_keys must be a list of keys, not one key")
         self._keys = (
             _pickle_key(key, "key"),
             *(_pickle_key(old, "previous_keys[]") for old in previous_keys),
         )
+        if protocol is not None and (
+            isinstance(protocol, bool)
+            or not isinstance(protocol, int)
+            or not 0 <= protocol <= pickle.HIGHEST_PROTOCOL
+        ):
+            raise ConfigurationError(f"protocol must be an int in [0, {pickle.HIGHEST_PROTOCOL}]")
         self._protocol = protocol
 
     @staticmethod
@@ -434,6 +457,7 @@ class PickleSerializer:
         return _PICKLE_VERSION + self._sign(self._keys[0], body) + body
 
     def loads(self, data: bytes) -> Any:
+        _check_bytes(data)
         view = memoryview(data)
         if len(view) <= _PICKLE_HEADER_SIZE or view[0] != _PICKLE_VERSION[0]:
             raise SerializationError(

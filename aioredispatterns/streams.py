@@ -69,7 +69,7 @@ from ._commands import Arg, execute, execute_blocking, execute_many
 from ._connection import AnyRedis, check_client, state_of
 from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, keyspace
 from ._scope import background
-from ._validate import check_count, check_flag, check_name, check_seconds
+from ._validate import check_count, check_flag, check_items, check_name, check_seconds, shown
 from ._worker import AckBatcher, CreditWindow, Reservation
 from .errors import (
     CommandError,
@@ -187,7 +187,9 @@ class StreamProducer:
         self._client = check_client(client)
         self._keys = _stream_keys(prefix, stream)
         self.key: KeyT = self._keys.key()
-        self._serializer = check_serializer(serializer or default_serializer())
+        self._serializer = (
+            default_serializer() if serializer is None else check_serializer(serializer)
+        )
         if retention is not None and not isinstance(retention, StreamRetention):
             raise ConfigurationError("retention must be a StreamRetention")
         self._retention = retention
@@ -239,7 +241,7 @@ class StreamProducer:
         Cancellation: any prefix of the messages may have been appended.
         """
         head = self._head()
-        commands = [self._xadd_args(head, fields) for fields in messages]
+        commands = [self._xadd_args(head, fields) for fields in check_items("messages", messages)]
         if not commands:
             return []
         replies = await execute_many(self._client, commands, idempotent=False)
@@ -385,6 +387,16 @@ class ConsumerPolicy:
 
 def _check_seconds(name: str, value: object) -> None:
     check_seconds(f"ConsumerPolicy.{name}", value)
+
+
+def _message_id(message: object) -> str:
+    if isinstance(message, StreamMessage):
+        return message.id
+    if isinstance(message, str) and _STREAM_ID.fullmatch(message):
+        return message
+    raise ConfigurationError(
+        f"ack() takes StreamMessages or ids like '1700000000000-0', got {shown(message)}"
+    )
 
 
 def _is_start_id(value: str) -> bool:
@@ -554,7 +566,9 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
         self.consumer = consumer or _default_consumer_name()
         self.policy = policy or ConsumerPolicy()
         self._handler = handler
-        self._serializer = check_serializer(serializer or default_serializer())
+        self._serializer = (
+            default_serializer() if serializer is None else check_serializer(serializer)
+        )
         self._counts = _Counters()
         self._running = False
         # A read or reclaim waits for at least this much room: resuming after every
@@ -601,10 +615,12 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
 
         Raises:
             StreamError: the group is not running.
+            ConfigurationError: something that is neither a message nor a stream id.
         """
         if not self._running:
             raise StreamError("ack() needs the group running (inside its async with)")
-        self._acks.add(m.id if isinstance(m, StreamMessage) else m for m in messages)
+        ids = [_message_id(message) for message in messages]  # all checked before any is queued
+        self._acks.add(ids)
 
     async def reject(self, message: StreamMessage, error: Exception) -> None:
         """Report that processing ``message`` failed (for :meth:`messages` loops).
@@ -618,6 +634,10 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
         """
         if not self._running:
             raise StreamError("reject() needs the group running (inside its async with)")
+        if not isinstance(message, StreamMessage):
+            raise ConfigurationError(
+                f"reject() takes a StreamMessage, got {type(message).__name__}"
+            )
         self._counts.failed += 1
         await self._failed(message, error)
 
@@ -678,6 +698,7 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
 
         Cancellation: read only; nothing is left behind.
         """
+        check_count("count", count, minimum=1, maximum=_MAX_COUNT)
         reply = await execute(
             self._client, "XRANGE", self.dead_letter_key, "-", "+", "COUNT", count
         )

@@ -226,3 +226,31 @@ def test_stream_names(redis_client: Redis) -> None:
         ConsumerGroup(redis_client, "s", "\ud800")
     with pytest.raises(InvalidKeyError):
         ConsumerGroup(redis_client, "s", "g", consumer="c" * 5000)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"ttl": 1e306},
+        {"ttl": 1e16},
+        {"fence_ttl": 1e16},
+        {"ttl": math.nan},
+        {"timeout": "1"},
+        {"cancel_on_loss": "no"},
+        {"cancel_on_loss": 1},
+    ],
+)
+def test_lock_options(redis_client: Redis, options: dict[str, object]) -> None:
+    from aioredispatterns import Lock
+
+    with pytest.raises(ConfigurationError):
+        Lock(redis_client, "l", **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("timeout", ["1", math.nan, -1, math.inf])
+async def test_lock_acquire_timeout(redis_client: Redis, key_prefix: str, timeout: object) -> None:
+    from aioredispatterns import Lock
+
+    with pytest.raises(ConfigurationError):
+        await Lock(redis_client, "l", prefix=key_prefix).acquire(timeout=timeout)  # type: ignore[arg-type]
+    assert await redis_client.keys(f"{key_prefix}*") == []
