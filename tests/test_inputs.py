@@ -247,10 +247,10 @@ def test_lock_options(redis_client: Redis, options: dict[str, object]) -> None:
         Lock(redis_client, "l", **options)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("timeout", ["1", math.nan, -1, math.inf])
-async def test_lock_acquire_timeout(redis_client: Redis, key_prefix: str, timeout: object) -> None:
+@pytest.mark.parametrize("bad", ["1", math.nan, -1, math.inf])
+async def test_lock_acquire_timeout(redis_client: Redis, key_prefix: str, bad: object) -> None:
     from aioredispatterns import Lock
 
     with pytest.raises(ConfigurationError):
-        await Lock(redis_client, "l", prefix=key_prefix).acquire(timeout=timeout)  # type: ignore[arg-type]
+        await Lock(redis_client, "l", prefix=key_prefix).acquire(timeout=bad)  # type: ignore[arg-type]
     assert await redis_client.keys(f"{key_prefix}*") == []

@@ -36,6 +36,7 @@ async def test_a_scrape_shows_the_library_counters(redis_client: Redis, key_pref
     async with Cache(redis_client, ttl=30, prefix=key_prefix) as cache:
         collector.track("users", cache)
         collector.track("main", redis_client)
+
         async def load() -> int:
             return 1
 
