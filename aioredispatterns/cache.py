@@ -17,6 +17,9 @@ What it guarantees:
   while a slow loader was busy is never overwritten by that loader's older value.
 * **TTL on every entry**, shortened by up to ``jitter`` (a fraction) so keys written
   together do not expire together; ``ttl=None`` (never expire) must be asked for.
+* **A bad entry is a miss.** An entry the serializer refuses (written with another
+  serializer or pickle key, corrupted, or forged) is never raised to the reader: reads
+  return the default, the next load replaces it, and ``stats.unreadable`` counts it.
 * **Hot keys are cheap.** Readers of a key that arrive while a GET of it is in flight
   share that GET's reply (never one sent before a write of this process returned).
 
@@ -66,7 +69,7 @@ from ._validate import (
     check_pairs,
     check_seconds,
 )
-from .errors import ConfigurationError, RedisPatternsError
+from .errors import ConfigurationError, RedisPatternsError, SerializationError
 from .serializers import Serializer, check_serializer, default_serializer
 
 __all__ = (
@@ -127,6 +130,14 @@ class ValueTooLarge(CacheError, ValueError):
 
 class CacheClosed(CacheError, RuntimeError):
     """The cache is not open (use ``async with Cache(...)``), or closed during a load."""
+
+
+class _Unreadable:
+    __slots__ = ()
+
+
+# What _decode_value returns for an entry the serializer cannot decode.
+_UNREADABLE: Final = _Unreadable()
 
 
 class _Unset:
@@ -250,6 +261,8 @@ class CacheStats:
             already in flight (a hot key costs one round trip per batch of readers).
         fill_errors: loaded values returned to their callers but not cached because
             Redis failed during the fill.
+        unreadable: entries the serializer could not decode (another serializer or key,
+            corrupted, forged): each counted as a miss, and replaced by the next load.
     """
 
     hits: int = 0
@@ -267,6 +280,7 @@ class CacheStats:
     lease_timeouts: int = 0
     shared_reads: int = 0
     fill_errors: int = 0
+    unreadable: int = 0
 
 
 class _Flight:
@@ -531,11 +545,12 @@ class Cache(AsyncContextManagerMixin):
         raw = await self._get(rkey)
         if raw is not None:
             entry = _decode_entry(raw)
+            value: Any = _UNREADABLE
             if entry is not None and entry.kind != _TOMBSTONE:
+                value = self._decode_value(entry, rkey)
+            if value is not _UNREADABLE:
+                assert entry is not None
                 now = self._now_ms()
-                value: Any = (
-                    None if entry.kind == _NEGATIVE else self._serializer.loads(entry.payload)
-                )
                 if entry.fresh_until == 0 or now < entry.fresh_until:
                     self._counters.hits += 1
                     beta = self.policy.early_refresh
@@ -590,18 +605,37 @@ class Cache(AsyncContextManagerMixin):
         A cached "not found" also returns ``default``. Never loads, never refreshes.
         Cancellation: nothing to undo (a read).
         """
-        raw = await self._get(self._keys(key).base)
-        return self._value_of(raw, default)
+        rkey = self._keys(key).base
+        raw = await self._get(rkey)
+        return self._value_of(raw, default, rkey)
 
-    def _value_of(self, raw: bytes | None, default: Any) -> Any:
+    def _value_of(self, raw: bytes | None, default: Any, rkey: KeyT) -> Any:
         entry = _decode_entry(raw) if raw is not None else None
-        if entry is None or entry.kind == _TOMBSTONE:
+        value = _UNREADABLE
+        if entry is not None and entry.kind != _TOMBSTONE:
+            value = self._decode_value(entry, rkey)
+        if value is _UNREADABLE:
             self._counters.misses += 1
             return default
         self._counters.hits += 1
+        assert entry is not None
+        return default if entry.kind == _NEGATIVE else value
+
+    def _decode_value(self, entry: _Entry, rkey: KeyT) -> Any:
+        """The entry's value (None for a cached "not found"), or _UNREADABLE.
+
+        An entry the serializer cannot decode (written with another serializer or key,
+        corrupted, or forged) is a miss: a read returns the default and a load replaces
+        it, instead of the key failing until its TTL runs out.
+        """
         if entry.kind == _NEGATIVE:
-            return default
-        return self._serializer.loads(entry.payload)
+            return None
+        try:
+            return self._serializer.loads(entry.payload)
+        except SerializationError as exc:
+            self._counters.unreadable += 1
+            logger.warning("cache entry %r cannot be decoded, treated as a miss: %s", rkey, exc)
+            return _UNREADABLE
 
     async def get_many(self, keys: Iterable[str | bytes]) -> dict[str | bytes, Any]:
         """The cached values of ``keys`` in pipelined batches (cluster-safe).
@@ -617,7 +651,7 @@ class Cache(AsyncContextManagerMixin):
         missing = object()
         found: dict[str | bytes, Any] = {}
         for key, raw in zip(wanted, replies, strict=True):
-            value = self._value_of(raw, missing)
+            value = self._value_of(raw, missing, self._keys(key).base)
             if value is not missing:
                 found[key] = value
         return found
@@ -937,10 +971,11 @@ class Cache(AsyncContextManagerMixin):
             if status == 1:
                 entry = _decode_entry(data)
                 if entry is not None:
-                    return (
-                        None if entry.kind == _NEGATIVE else self._serializer.loads(entry.payload)
-                    )
-                break  # not ours: load without the lease
+                    value = self._decode_value(entry, ks.base)
+                    if value is not _UNREADABLE:
+                        return value
+                    seen = entry.version  # the load below replaces the unreadable entry
+                break  # not ours, or unreadable: load without the lease
             if status == 2:
                 entry = _decode_entry(data) if data else None
                 seen = entry.version if entry is not None else _NO_VERSION
