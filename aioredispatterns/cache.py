@@ -57,7 +57,7 @@ from ._commands import execute, execute_blocking, execute_many
 from ._connection import AnyRedis, check_client
 from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, check_prefix, keyspace
 from ._scope import background
-from ._scripts import Script
+from ._scripts import Script, delete_if_equal
 from ._validate import (
     MAX_NAME_BYTES,
     check_callable,
@@ -109,6 +109,8 @@ _KEY_CACHE_SIZE: Final = 4096
 _KEY_CACHE_BYTES: Final = 4 * MiB
 _MAX_KEY_BYTES: Final = 64 * 1024
 _MAX_BLOCK: Final = 2.0
+# How long a shielded cleanup (giving back a lease) may take at most.
+_CLEANUP_TIMEOUT: Final = 2.0
 
 
 class CacheError(RedisPatternsError):
@@ -967,7 +969,17 @@ class Cache(AsyncContextManagerMixin):
         keys = [ks.base, ks.key("lease"), ks.key("wake")]
         waited = False
         while True:
-            status, data = await _ACQUIRE.run(self._client, keys, [token, lease_ms])
+            try:
+                status, data = await _ACQUIRE.run(self._client, keys, [token, lease_ms])
+            except BaseException:
+                # The script may have taken the lease and only its reply been lost: give
+                # it back, or every process waits it out (shielded, bounded).
+                with (
+                    anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True),
+                    contextlib.suppress(RedisPatternsError),
+                ):
+                    await delete_if_equal(self._client, ks.key("lease"), token)
+                raise
             if status == 1:
                 entry = _decode_entry(data)
                 if entry is not None:

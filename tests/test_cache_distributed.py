@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from aioredispatterns import connect
 from aioredispatterns.cache import Cache
+from aioredispatterns.testing import RedisServer
 
 PROCESSES = 4
 CALLERS = 500
@@ -276,3 +277,38 @@ async def test_cluster_waiter_is_woken_by_another_clients_fill(
 
 if __name__ == "__main__":
     anyio.run(_worker, sys.argv[1], sys.argv[2])
+
+
+async def test_a_lease_whose_grant_was_cut_off_is_given_back(
+    redis_server: RedisServer, key_prefix: str
+) -> None:
+    """The lease script ran but its reply was lost: the lease is deleted at once (it
+    used to stay until lease_ttl, holding every other process back)."""
+    if not redis_server.owned:
+        pytest.skip("needs a server this suite started (a proxy in front of it)")
+    from aioredispatterns import CommandTimeout
+    from aioredispatterns.testing import FaultProxy
+
+    async def load() -> int:
+        return 1
+
+    with FaultProxy(redis_server.port) as proxy:
+        client = connect(proxy.url, socket_timeout=0.5, retries=0)
+        try:
+            async with Cache(
+                client, ttl=60, distributed=True, lease_ttl=30, prefix=key_prefix
+            ) as cache:
+                await cache.get_or_load("warm", load)  # connected, scripts cached
+                # The fleet-wide load on its own: its first command takes the lease, and
+                # that reply is lost (the script ran).
+                proxy.drop_replies(1)
+                with pytest.raises(CommandTimeout):
+                    await cache._load_distributed(cache._keys("k"), b"", 0.0, load, 60.0)
+            admin = connect(redis_server.url)
+            try:
+                assert await admin.exists(f"{key_prefix}:cache:{{k}}:lease") == 0
+            finally:
+                await admin.aclose()
+        finally:
+            proxy.heal()
+            await client.aclose()
