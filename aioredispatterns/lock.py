@@ -294,6 +294,10 @@ class _LeaseManager(abc.ABC):
     async def _prepare(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Work an acquire attempt needs done before its timed part (none by default)."""
 
+    def _refusal(self) -> str:
+        """Why the last attempt failed, for the LockNotAcquired message."""
+        return "is held by someone else"
+
     @abc.abstractmethod
     async def _try_acquire(self, owner: str) -> tuple[int | None, float]:
         """One attempt: ``(token, 0)`` when taken, ``(None, seconds to wait at most)``."""
@@ -358,7 +362,7 @@ class _LeaseManager(abc.ABC):
                 return Lease(self, owner, token, sent + self._validity)
             remaining = None if deadline is None else deadline - anyio.current_time()
             if not blocking or (remaining is not None and remaining <= 0):
-                raise LockNotAcquired(f"lock {self.name!r} is held by someone else")
+                raise LockNotAcquired(f"lock {self.name!r} {self._refusal()}")
             await self._wait(hint, remaining)
 
     def hold(

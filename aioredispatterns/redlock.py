@@ -162,6 +162,7 @@ class Redlock(_LeaseManager):
         # must not cut the release's own deadline short.
         self._cleanup_timeout = self._release_timeout
         self.quorum = len(self._clients) // 2 + 1
+        self._last_refusal = "is held by someone else"
         self._owner_key = keys.key("owner")
         self._fence_key = keys.key("fence")
         # Clients whose server's capabilities are not known yet (see _prepare).
@@ -240,6 +241,12 @@ class Redlock(_LeaseManager):
             for client, reply in zip(self._clients, replies, strict=True)
             if _granted(reply) is True
         ]
+        held = sum(_granted(reply) is False for reply in replies)
+        self._last_refusal = (
+            f"was not granted by {self.quorum} of {len(self._clients)} servers: "
+            f"{len(granted)} granted, {held} held by someone else, "
+            f"{len(replies) - len(granted) - held} did not answer"
+        )
         if len(granted) >= self.quorum:
             token = max(t for _, t in granted)
             raised = await self._on_each(
@@ -262,6 +269,9 @@ class Redlock(_LeaseManager):
         with anyio.CancelScope(shield=True):
             await self._delete(owner, maybe)
         return None, random.uniform(0.5, 1.0) * self._retry_delay
+
+    def _refusal(self) -> str:
+        return self._last_refusal
 
     async def _extend(self, owner: str) -> bool:
         replies = await self._on_each(

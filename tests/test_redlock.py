@@ -271,3 +271,15 @@ async def test_cluster_and_unix_clients_sharing_a_server_are_refused() -> None:
     finally:
         for client in clients:
             await client.aclose()
+
+
+async def test_the_refusal_says_why_when_no_server_answers() -> None:
+    from aioredispatterns import LockNotAcquired, Redlock, connect
+    from aioredispatterns.testing import free_port
+
+    client = connect(f"redis://127.0.0.1:{free_port()}/0", retries=0, connect_timeout=0.2)
+    try:
+        with pytest.raises(LockNotAcquired, match="0 granted, 0 held by someone else, 1 did"):
+            await Redlock([client], "r", ttl=1).acquire(blocking=False)
+    finally:
+        await client.aclose()
