@@ -459,6 +459,11 @@ class RateLimiter:
         self._key_cache_bytes = 0
 
     @property
+    def max_identity_bytes(self) -> int:
+        """The longest identity accepted, in bytes once encoded."""
+        return self._max_identity_bytes
+
+    @property
     def policies(self) -> tuple[Policy, ...]:
         """The policies every request must pass."""
         return self._policies

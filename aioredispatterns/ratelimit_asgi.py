@@ -13,6 +13,7 @@ binding limit.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "RateLimitMiddleware",
+    "bounded_identity",
     "client_address",
     "rate_limit_dependency",
     "rate_limit_headers",
@@ -55,6 +57,30 @@ def rate_limit_headers(decision: RateLimitDecision) -> dict[str, str]:
     if not decision.allowed:
         headers["Retry-After"] = str(max(1, math.ceil(decision.retry_after)))
     return headers
+
+
+def bounded_identity(limiter: RateLimiter, identity: str | bytes) -> str | bytes:
+    """``identity``, or its SHA-256 when it is too long (or not valid UTF-8) to be one.
+
+    An identity taken from the request (a header, an API key) is client-controlled and
+    can be any size; the limiter refuses one above ``max_identity_bytes`` with an error,
+    which would turn an abusive request into a server error instead of a limited one.
+    """
+    if isinstance(identity, str):
+        try:
+            raw = identity.encode()
+        except UnicodeEncodeError:
+            raw = identity.encode("utf-8", "surrogatepass")
+        else:
+            if len(raw) <= limiter.max_identity_bytes:
+                return identity
+    elif isinstance(identity, bytes):
+        if len(identity) <= limiter.max_identity_bytes:
+            return identity
+        raw = identity
+    else:
+        return identity  # not ours to fix: the limiter raises its typed error
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 class RateLimitMiddleware:
@@ -96,7 +122,7 @@ class RateLimitMiddleware:
         if identity is None:
             await self.app(scope, receive, send)
             return
-        decision = await self.limiter.hit(identity, self.cost)
+        decision = await self.limiter.hit(bounded_identity(self.limiter, identity), self.cost)
         extra = [(k.lower().encode(), v.encode()) for k, v in rate_limit_headers(decision).items()]
         if not decision.allowed:
             await send(
@@ -147,7 +173,7 @@ def rate_limited(
             identity = key(request.scope)
             if identity is None:
                 return await endpoint(request)
-            decision = await limiter.hit(identity, cost)
+            decision = await limiter.hit(bounded_identity(limiter, identity), cost)
             if not decision.allowed:
                 return _too_many(decision)
             response = await endpoint(request)
@@ -174,7 +200,7 @@ def rate_limit_dependency(
         identity = key(request.scope)
         if identity is None:
             return None
-        decision = await limiter.hit(identity, cost)
+        decision = await limiter.hit(bounded_identity(limiter, identity), cost)
         if not decision.allowed:
             raise HTTPException(429, "Too Many Requests", headers=rate_limit_headers(decision))
         return decision

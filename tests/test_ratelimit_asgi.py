@@ -179,3 +179,17 @@ async def test_middleware_rejects_bad_cost(redis_client: Any) -> None:
     limiter = RateLimiter(redis_client, GCRA(3, 1.0))
     with pytest.raises(ConfigurationError):
         RateLimitMiddleware(PlainTextResponse("x"), limiter, cost=4)
+
+
+def test_a_client_controlled_identity_is_bounded(redis_client: Any) -> None:
+    from aioredispatterns import GCRA, RateLimiter
+    from aioredispatterns.ratelimit_asgi import bounded_identity
+
+    limiter = RateLimiter(redis_client, [GCRA(10, 1.0)], name="api")
+    assert bounded_identity(limiter, "user:1") == "user:1"
+    long = bounded_identity(limiter, "x" * 100_000)
+    assert isinstance(long, str)
+    assert long.startswith("sha256:")
+    assert len(long) < 100
+    assert bounded_identity(limiter, "\ud800") != "\ud800"
+    assert bounded_identity(limiter, b"y" * 5000) != b"y" * 5000
