@@ -53,6 +53,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -85,6 +86,7 @@ __all__ = (
     "LockLost",
     "LockNotAcquired",
     "LockNotOwned",
+    "LockStats",
     "fenced_get",
     "fenced_set",
 )
@@ -240,13 +242,39 @@ class Lease:
             raise LockNotOwned(f"lease on {self.name!r} was already released")
         released = await self._manager._release(self.owner)
         self._released = True
+        if released:
+            self._manager._counts.released += 1
         if not released:
             self._mark_lost()
             raise LockNotOwned(f"lease on {self.name!r} (token {self.token}) had expired")
 
     def _mark_lost(self) -> None:
         self._valid_until = 0.0
-        self.lost.set()
+        if not self.lost.is_set():
+            self._manager._counts.lost += 1
+            self.lost.set()
+
+
+@dataclass(slots=True)
+class LockStats:
+    """Counters of one :class:`Lock`, :class:`~aioredispatterns.Semaphore` or
+    :class:`~aioredispatterns.Redlock` object in this process (``.stats`` is a copy).
+
+    Attributes:
+        acquired: leases granted.
+        not_acquired: acquires that gave up (:class:`LockNotAcquired`).
+        waits: times an acquire waited for a release (or the holder's TTL).
+        renewals: successful lease renewals.
+        lost: leases found lost (renewal failed, or expired before release).
+        released: leases released while still held.
+    """
+
+    acquired: int = 0
+    not_acquired: int = 0
+    waits: int = 0
+    renewals: int = 0
+    lost: int = 0
+    released: int = 0
 
 
 class _LeaseManager(abc.ABC):
@@ -279,11 +307,17 @@ class _LeaseManager(abc.ABC):
         self._timeout = timeout
         self._cancel_on_loss = check_flag("cancel_on_loss", cancel_on_loss)
         self._entered: dict[int, AbstractAsyncContextManager[Lease] | None] = {}
+        self._counts = LockStats()
 
     @property
     def ttl(self) -> float:
         """The lease TTL in seconds."""
         return self._ttl
+
+    @property
+    def stats(self) -> LockStats:
+        """A snapshot of this object's counters (this process only)."""
+        return dataclasses.replace(self._counts)
 
     @property
     def _validity(self) -> float:
@@ -359,10 +393,13 @@ class _LeaseManager(abc.ABC):
                         await self._release(owner)
                 raise
             if token is not None:
+                self._counts.acquired += 1
                 return Lease(self, owner, token, sent + self._validity)
             remaining = None if deadline is None else deadline - anyio.current_time()
             if not blocking or (remaining is not None and remaining <= 0):
+                self._counts.not_acquired += 1
                 raise LockNotAcquired(f"lock {self.name!r} {self._refusal()}")
+            self._counts.waits += 1
             await self._wait(hint, remaining)
 
     def hold(
@@ -439,6 +476,13 @@ class _LeaseManager(abc.ABC):
         # Started ttl/3 after the acquisition: renew now, then every ttl/3.
         while not lease._released:
             if not await self._renew(lease):
+                if not lease.lost.is_set():
+                    _log.warning(
+                        "lease on %r (token %d) lost: it could not be renewed in time%s",
+                        self.name,
+                        lease.token,
+                        "; cancelling the body" if self._cancel_on_loss else "",
+                    )
                 lease._mark_lost()
                 if self._cancel_on_loss:
                     body_scope.cancel()
@@ -469,9 +513,11 @@ class _LeaseManager(abc.ABC):
                         lease.token,
                         exc,
                     )
+                    lease._mark_lost()  # logged here: _keep_alive does not log it again
                     return False
                 if owned:
                     lease._valid_until = sent + self._validity
+                    self._counts.renewals += 1
                 return owned
         return True
 

@@ -37,6 +37,8 @@ unless the limiter raises ``max_identity_bytes``.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,9 +60,12 @@ from ._validate import (
 )
 from .errors import ConfigurationError, RedisPatternsError
 
+logger = logging.getLogger("aioredispatterns.ratelimit")
+
 __all__ = (
     "FixedWindow",
     "GCRA",
+    "LimiterStats",
     "Policy",
     "RateLimitDecision",
     "RateLimitError",
@@ -382,6 +387,27 @@ _KEY_CACHE_BYTES = 4 * 1024 * 1024
 _KEY_CACHE_MAX_ENTRY = _KEY_CACHE_BYTES // 64
 
 
+@dataclass(slots=True)
+class LimiterStats:
+    """Counters of one :class:`RateLimiter` in this process (``.stats`` is a copy).
+
+    Attributes:
+        decisions: hits answered by the server.
+        allowed: hits allowed (units consumed).
+        denied: hits refused.
+        peeks: peeks answered.
+        waits: sleeps of :meth:`RateLimiter.wait` between refused hits.
+        errors: hits or peeks that failed (the server unreachable or erring).
+    """
+
+    decisions: int = 0
+    allowed: int = 0
+    denied: int = 0
+    peeks: int = 0
+    waits: int = 0
+    errors: int = 0
+
+
 class RateLimiter:
     """Rate limits for many identities (users, IPs, API keys) under one name.
 
@@ -442,6 +468,7 @@ class RateLimiter:
             "max_identity_bytes", max_identity_bytes, minimum=1, maximum=_MAX_IDENTITY_BYTES
         )
         self._name = name
+        self._counts = LimiterStats()
         # "<n>:<name>:" goes before the identity in the hash tag (see _space).
         self._tag_head = f"{len(name.encode())}:{name}:"
         self._tag_max_bytes = len(self._tag_head.encode()) + self._max_identity_bytes
@@ -526,8 +553,19 @@ class RateLimiter:
         """
         # One await between the caller and the script: this is the hot path.
         keys = self._keys(identity)
-        reply = await _DECIDE.run(self._client, keys, self._argv("1", cost))
-        return _parse(reply, self._policies)
+        try:
+            reply = await _DECIDE.run(self._client, keys, self._argv("1", cost))
+        except RedisPatternsError as exc:
+            self._count_error(exc)
+            raise
+        decision = _parse(reply, self._policies)
+        counts = self._counts
+        counts.decisions += 1
+        if decision.allowed:
+            counts.allowed += 1
+        else:
+            counts.denied += 1
+        return decision
 
     async def peek(self, identity: KeyT, cost: int = 1) -> RateLimitDecision:
         """Whether ``cost`` units would be allowed now, without consuming or writing.
@@ -536,8 +574,26 @@ class RateLimiter:
         Cancellation: harmless; nothing is written.
         """
         keys = self._keys(identity)
-        reply = await _DECIDE.run(self._client, keys, self._argv("0", cost))
+        try:
+            reply = await _DECIDE.run(self._client, keys, self._argv("0", cost))
+        except RedisPatternsError as exc:
+            self._count_error(exc)
+            raise
+        self._counts.peeks += 1
         return _parse(reply, self._policies)
+
+    def _count_error(self, exc: RedisPatternsError) -> None:
+        if isinstance(exc, ConfigurationError):
+            return  # the caller's input, not the limiter's trouble
+        self._counts.errors += 1
+        # One line per failed decision at DEBUG (an outage would flood WARNING); the
+        # caller gets the error and ``stats.errors`` counts it.
+        logger.debug("rate-limit decision for %r failed: %s", self._name, exc)
+
+    @property
+    def stats(self) -> LimiterStats:
+        """A snapshot of this limiter's counters (this process only)."""
+        return dataclasses.replace(self._counts)
 
     # A timeout argument rather than fail_after(): knowing the deadline lets wait() give
     # up at once when the next chance lies beyond it, instead of sleeping in vain.
@@ -573,6 +629,7 @@ class RateLimiter:
             if deadline is not None and anyio.current_time() + decision.retry_after > deadline:
                 raise RateLimitExceeded(decision, f"not allowed within {timeout}s")
             # Never 0 here (_retry_after floors it), so this loop sleeps between hits.
+            self._counts.waits += 1
             await anyio.sleep(decision.retry_after)
 
     async def reset(self, identity: KeyT) -> None:

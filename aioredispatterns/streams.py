@@ -93,6 +93,7 @@ __all__ = (
     "DeadLetter",
     "GroupInfo",
     "GroupStats",
+    "ProducerStats",
     "StreamError",
     "StreamMessage",
     "StreamProducer",
@@ -155,6 +156,20 @@ class StreamRetention:
         return ["MINID", how, f"{max(oldest_ms, 0)}-0"]
 
 
+@dataclass(slots=True)
+class ProducerStats:
+    """Counters of one :class:`StreamProducer` in this process (``.stats`` is a copy).
+
+    Attributes:
+        added: entries appended (replies received).
+        failed: ``add`` / ``add_many`` calls that raised after sending (the entry may
+            or may not have been appended).
+    """
+
+    added: int = 0
+    failed: int = 0
+
+
 class StreamProducer:
     """Appends messages to a stream; field values go through the serializer.
 
@@ -173,7 +188,7 @@ class StreamProducer:
     may have appended some of its entries.
     """
 
-    __slots__ = ("_client", "_keys", "_retention", "_serializer", "key")
+    __slots__ = ("__weakref__", "_client", "_counts", "_keys", "_retention", "_serializer", "key")
 
     def __init__(
         self,
@@ -193,6 +208,7 @@ class StreamProducer:
         if retention is not None and not isinstance(retention, StreamRetention):
             raise ConfigurationError("retention must be a StreamRetention")
         self._retention = retention
+        self._counts = ProducerStats()
 
     def _head(self) -> list[Arg]:
         head: list[Arg] = ["XADD", self.key]
@@ -222,7 +238,13 @@ class StreamProducer:
         Cancellation: the message may or may not have been appended.
         """
         args = self._xadd_args(self._head(), fields)
-        return _r.text(await execute(self._client, *args))
+        try:
+            reply = await execute(self._client, *args)
+        except RedisPatternsError:
+            self._counts.failed += 1
+            raise
+        self._counts.added += 1
+        return _r.text(reply)
 
     async def add_many(self, messages: Iterable[Mapping[str, Any]]) -> list[str]:
         """Append many messages in one pipelined round trip; returns their ids in order.
@@ -244,8 +266,18 @@ class StreamProducer:
         commands = [self._xadd_args(head, fields) for fields in check_items("messages", messages)]
         if not commands:
             return []
-        replies = await execute_many(self._client, commands, idempotent=False)
+        try:
+            replies = await execute_many(self._client, commands, idempotent=False)
+        except RedisPatternsError:
+            self._counts.failed += 1
+            raise
+        self._counts.added += len(replies)
         return [_r.text(reply) for reply in replies]
+
+    @property
+    def stats(self) -> ProducerStats:
+        """A snapshot of this producer's counters (this process only)."""
+        return dataclasses.replace(self._counts)
 
 
 # --------------------------------------------------------------------------- consumer side

@@ -8,10 +8,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from redis.asyncio import Redis
 
 from aioredispatterns import (
+    GCRA,
     Cache,
     ConfigurationError,
     ConsumerGroup,
     ConsumerPolicy,
+    Lock,
+    RateLimiter,
     StreamMessage,
     StreamProducer,
     publish,
@@ -61,6 +64,15 @@ async def test_a_scrape_shows_the_library_counters(redis_client: Redis, key_pref
             await publish(redis_client, f"{key_prefix}:c", {"x": 1})
             with anyio.fail_after(30):
                 await messages.__anext__()
+        lock = Lock(redis_client, "job", ttl=5, prefix=key_prefix)
+        collector.track("job", lock)
+        async with lock:
+            pass
+        limiter = RateLimiter(redis_client, [GCRA(1, 60.0)], name="api", prefix=key_prefix)
+        collector.track("api", limiter)
+        await limiter.hit("u")
+        await limiter.hit("u")
+        collector.track("jobs", producer)
         text = generate_latest(registry).decode()
     assert 'aioredispatterns_cache_hits_total{name="users"} 2.0' in text
     assert 'aioredispatterns_cache_loads_total{name="users"} 1.0' in text
@@ -69,6 +81,11 @@ async def test_a_scrape_shows_the_library_counters(redis_client: Redis, key_pref
     assert 'aioredispatterns_subscription_delivered_total{name="events"} 1.0' in text
     assert 'aioredispatterns_pipeline_commands_total{name="main"}' in text
     assert "# TYPE aioredispatterns_cache_hits_total counter" in text
+    assert 'aioredispatterns_lock_acquired_total{name="job"} 1.0' in text
+    assert 'aioredispatterns_lock_released_total{name="job"} 1.0' in text
+    assert 'aioredispatterns_rate_limiter_allowed_total{name="api"} 1.0' in text
+    assert 'aioredispatterns_rate_limiter_denied_total{name="api"} 1.0' in text
+    assert 'aioredispatterns_stream_producer_added_total{name="jobs"} 3.0' in text
 
 
 def test_tracking_something_without_stats_is_refused() -> None:
