@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from ._validate import MAX_NAME_BYTES, check_name
 from .errors import ConfigurationError
@@ -19,6 +20,8 @@ DEFAULT_PREFIX = "arp"
 _MAX_PREFIX_BYTES = 128
 
 KeyT = str | bytes
+
+V = TypeVar("V")
 
 
 def check_key(value: object, what: str = "key", *, max_bytes: int = MAX_NAME_BYTES) -> KeyT:
@@ -78,3 +81,28 @@ def keyspace(
     if isinstance(checked, bytes):
         return KeySpace(f"{prefix}:{primitive}:{{".encode() + checked + b"}")
     return KeySpace(f"{prefix}:{primitive}:{{{checked}}}")
+
+
+class BoundedMemo(dict[KeyT, V], Generic[V]):
+    """A memo of built keys (user key -> key space or key list), bounded in entries and
+    in bytes: building and validating keys costs about a microsecond a call, so primitives
+    remember recent ones. When full it is cleared wholesale (cheap, and rare); an entry
+    larger than ``max_entry_bytes`` is never kept, so one huge key cannot evict the rest.
+    """
+
+    def __init__(self, max_entries: int, max_bytes: int, max_entry_bytes: int) -> None:
+        super().__init__()
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = max_entry_bytes
+        self.bytes = 0
+
+    def put(self, key: KeyT, value: V, size: int) -> None:
+        """Remember ``value`` for ``key``; ``size`` is its cost in bytes."""
+        if size > self.max_entry_bytes:
+            return
+        if len(self) >= self.max_entries or self.bytes + size > self.max_bytes:
+            self.clear()
+            self.bytes = 0
+        self[key] = value
+        self.bytes += size

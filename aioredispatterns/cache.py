@@ -55,7 +55,7 @@ from ._cache_keys import call_key, function_name
 from ._capabilities import server_info
 from ._commands import execute, execute_blocking, execute_many
 from ._connection import AnyRedis, check_client
-from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, check_prefix, keyspace
+from ._keys import DEFAULT_PREFIX, BoundedMemo, KeySpace, KeyT, check_prefix, keyspace
 from ._scope import background
 from ._scripts import Script, delete_if_equal
 from ._validate import (
@@ -401,8 +401,9 @@ class Cache(AsyncContextManagerMixin):
         self._prefix = check_prefix(prefix)
         self._flights: dict[KeyT, _Flight] = {}
         self._reads: dict[KeyT, _Read] = {}
-        self._key_cache: dict[str | bytes, KeySpace] = {}
-        self._key_cache_bytes = 0
+        self._key_cache: BoundedMemo[KeySpace] = BoundedMemo(
+            _KEY_CACHE_SIZE, _KEY_CACHE_BYTES, _KEY_CACHE_BYTES
+        )
         self._refresh_blocked: dict[KeyT, float] = {}
         self._counters = CacheStats()
         self._tg: TaskGroup | None = None
@@ -443,24 +444,14 @@ class Cache(AsyncContextManagerMixin):
     # ----------------------------------------------------------------- keys, encoding
 
     def _keys(self, key: str | bytes) -> KeySpace:
-        # Building and validating a key space costs about a microsecond: remember the
-        # recent ones, bounded in entries and in bytes (cleared wholesale when full,
-        # which is cheap and rare).
+        # Building and validating a key space costs about a microsecond: remember it.
         try:
             ks = self._key_cache.get(key)
         except TypeError:  # unhashable (a list, a bytearray): not a key
             ks = None
         if ks is None:
             ks = keyspace(self._prefix, "cache", key, max_bytes=self._max_key_bytes)
-            size = len(key) + len(ks.base)
-            if (
-                len(self._key_cache) >= _KEY_CACHE_SIZE
-                or self._key_cache_bytes + size > _KEY_CACHE_BYTES
-            ):
-                self._key_cache.clear()
-                self._key_cache_bytes = 0
-            self._key_cache[key] = ks
-            self._key_cache_bytes += size
+            self._key_cache.put(key, ks, len(key) + len(ks.base))
         return ks
 
     def _encode(

@@ -48,7 +48,7 @@ import anyio
 
 from ._commands import execute
 from ._connection import AnyRedis, check_client
-from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, check_prefix, keyspace
+from ._keys import DEFAULT_PREFIX, BoundedMemo, KeySpace, KeyT, check_prefix, keyspace
 from ._scripts import Script
 from ._validate import (
     MAX_NAME_BYTES,
@@ -482,8 +482,9 @@ class RateLimiter:
         # identity -> its keys; building them (validation, hash tag) costs more than the
         # rest of a decision on the client. Bounded in entries and bytes: cleared when full.
         # Only valid identities get in, so a hit on the cache needs no check.
-        self._key_cache: dict[KeyT, list[KeyT]] = {}
-        self._key_cache_bytes = 0
+        self._key_cache: BoundedMemo[list[KeyT]] = BoundedMemo(
+            _KEY_CACHE_SIZE, _KEY_CACHE_BYTES, _KEY_CACHE_MAX_ENTRY
+        )
 
     @property
     def max_identity_bytes(self) -> int:
@@ -502,15 +503,7 @@ class RateLimiter:
             keys = [space.key(i, p.tag) for i, p in enumerate(self._policies)]
             size = sys.getsizeof(identity) + sys.getsizeof(keys)
             size += sum(sys.getsizeof(k) for k in keys)
-            if size <= _KEY_CACHE_MAX_ENTRY:
-                if (
-                    len(self._key_cache) >= _KEY_CACHE_SIZE
-                    or self._key_cache_bytes + size > _KEY_CACHE_BYTES
-                ):
-                    self._key_cache.clear()
-                    self._key_cache_bytes = 0
-                self._key_cache[identity] = keys
-                self._key_cache_bytes += size
+            self._key_cache.put(identity, keys, size)
         return keys
 
     def _space(self, identity: object) -> KeySpace:

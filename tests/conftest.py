@@ -1,3 +1,24 @@
 """Test configuration: real throwaway servers from aioredispatterns.testing."""
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:  # imported by the plugin itself: importing it here first would
+    # keep pytest from rewriting its assertions
+    from aioredispatterns.testing import RedisServer
+
 pytest_plugins = ["aioredispatterns.testing"]
+
+
+@pytest.fixture
+def own_server(redis_server: RedisServer) -> Iterator[RedisServer]:
+    """A private server of the current matrix kind, for tests that stop, pause or kill
+    it (never the shared one, never an external one)."""
+    if not redis_server.owned:
+        pytest.skip("stops or pauses a server: needs one this suite started")
+    with type(redis_server)(redis_server.binary, name="private") as server:
+        yield server

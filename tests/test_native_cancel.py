@@ -4,23 +4,13 @@ under replies still owed never hands them to the wrong callers."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import anyio
-import pytest
 
 from aioredispatterns import Lock, connect
 from aioredispatterns._commands import execute
 from aioredispatterns._connection import state_of
 from aioredispatterns.testing import RedisServer
-
-
-@pytest.fixture
-def own_server(redis_server: RedisServer) -> Iterator[RedisServer]:
-    if not redis_server.owned:
-        pytest.skip("needs a server this suite started")
-    with RedisServer(redis_server.binary, name="native-cancel") as server:
-        yield server
 
 
 async def test_a_cancelled_lock_waiter_never_enters_the_body(own_server: RedisServer) -> None:

@@ -8,7 +8,6 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import anyio
 import anyio.lowlevel
@@ -19,14 +18,6 @@ from aioredispatterns._commands import execute
 from aioredispatterns.testing import RedisServer, borrowed_connections
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def own_server(redis_server: RedisServer) -> Iterator[RedisServer]:
-    if not redis_server.owned:
-        pytest.skip("stops a server: needs one this suite started")
-    with RedisServer(redis_server.binary, name="deadlines") as server:
-        yield server
 
 
 def _pause(server: RedisServer) -> None:

@@ -647,9 +647,9 @@ async def _fill_the_key_cache(client: Any, budget: int, sizeof: Callable[[object
 
     for n in range(3000):  # ~1 KiB identities: the byte budget binds before the count
         limiter._keys(f"{n:04d}" + "i" * 1020)
-        assert limiter._key_cache_bytes <= budget
+        assert limiter._key_cache.bytes <= budget
         if n % 100 == 0:
-            assert cached_bytes() == limiter._key_cache_bytes
+            assert cached_bytes() == limiter._key_cache.bytes
     assert 0 < len(limiter._key_cache) < 3000
     limiter._keys("hot")
     limiter._keys("z" * 64 * 1024)  # too big to cache: it does not flush the hot ones
