@@ -72,6 +72,7 @@ from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, keyspace
 from ._scripts import Script
 from ._validate import check_count, check_flag, check_seconds
 from .errors import (
+    CommandError,
     CommandTimeout,
     ConfigurationError,
     ConnectionFailed,
@@ -668,6 +669,10 @@ class FencedValue:
     token: int
 
 
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 def _resource_key(resource: str, prefix: str) -> KeyT:
     return keyspace(prefix, "fenced", resource).key()
 
@@ -750,10 +755,16 @@ async def fenced_get(
 
     The token comes back as the int it was written as, exactly (any size).
 
+    Raises:
+        CommandError: the key holds a token ``fenced_set`` did not write.
+
     Cancellation: a read only; nothing to undo.
     """
     key = _resource_key(resource, prefix)
     value, token = await execute(client, "HMGET", key, "value", "token")
     if value is None or token is None:
         return None
+    if not token.isdigit():
+        # Written by something other than fenced_set (which stores plain decimals).
+        raise CommandError(f"{_text(key)} holds a token that is not a decimal integer")
     return FencedValue(value=value, token=int(token))

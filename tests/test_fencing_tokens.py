@@ -245,3 +245,13 @@ async def test_stored_token_is_the_running_maximum(redis_url: str, tokens: list[
         assert stored == max(tokens)
     finally:
         await client.aclose()
+
+
+async def test_a_token_written_by_something_else_is_a_typed_error(
+    redis_client: Any, key_prefix: str
+) -> None:
+    from aioredispatterns import CommandError, fenced_get
+
+    await redis_client.hset(f"{key_prefix}:fenced:{{r}}", mapping={"value": "v", "token": "x1"})
+    with pytest.raises(CommandError, match="not a decimal integer"):
+        await fenced_get(redis_client, "r", prefix=key_prefix)
