@@ -30,22 +30,30 @@ and replies are read in order (the server answers one connection in order).
 
 Cancellation
 ------------
-A cancelled caller that is neither writer nor reader just stops waiting; its reply (if
-its command was already sent) is read and dropped later, so the connection stays in sync
-and is never thrown away for it. A writer or reader that is cancelled finishes its part
-of the I/O first (anyio cancellation cannot reach it: the part runs in a shielded scope;
-a native ``Task.cancel()`` is caught, the I/O is finished, and the cancellation is
-re-raised), so its cancellation is delayed by at most one round trip, bounded by the
-socket timeout. redis-py's parsers keep partial input across a cancelled read, which is
-why an interrupted read can simply be resumed.
+Nothing here is shielded, so a caller leaves at once when cancelled, whatever it was
+doing. A caller that is neither writer nor reader just stops waiting; its reply (if its
+command was already sent) is read and dropped later, so the connection stays in sync and
+is never thrown away for it. A writer cancelled while it connects, yields or waits for the
+socket hands the writer role to the oldest caller still queued (bytes already given to the
+transport go out regardless); a reader cancelled mid-read hands the reader role to the
+oldest caller still waiting, and redis-py's parsers keep partial input across a cancelled
+read, so the next reader resumes where it stopped. A role handed to a caller whose command
+then failed is never lost: the failure is kept on the call and raised when it wakes.
 
-Failures
---------
-A connection error fails exactly the callers whose commands were in flight on that
-connection (they get :class:`~aioredispatterns.errors.ConnectionFailed`; a command that
-was sent may or may not have run, so nothing sent is retried); the connection is dropped
-and the next batch takes a fresh one. An error *reply* (``-ERR``, ``NOSCRIPT``) fails only
-its own caller.
+Deadlines and failures
+----------------------
+Every command's reply is due ``socket_timeout`` after it was written. One timer for the
+whole pipeline, armed for the oldest command in flight (and re-armed as replies come),
+fails the connection when that reply is overdue: every caller in flight on it gets
+:class:`~aioredispatterns.errors.CommandTimeout` within ``socket_timeout`` of its write.
+A connection error likewise fails exactly the callers whose commands were in flight on
+that connection (:class:`~aioredispatterns.errors.ConnectionFailed`; a command that was
+sent may or may not have run, so nothing sent is retried). A failed connection is closed
+at once (its socket aborted, synchronously) and returned to the pool by the next task
+that runs here; the next batch takes a fresh one. An idle connection the server closed is
+replaced before writing; one closed under replies still owed is failed, never silently
+reconnected (its replies would go to the wrong callers). An error *reply* (``-ERR``,
+``NOSCRIPT``) fails only its own caller.
 
 Cluster
 -------
