@@ -232,19 +232,25 @@ async def test_sliding_log_is_exact_per_window(redis_client: Any, key_prefix: st
 
 
 async def test_fixed_window_resets_at_boundary(redis_client: Any, key_prefix: str) -> None:
-    limiter = RateLimiter(redis_client, FixedWindow(limit=2, window=0.2), prefix=key_prefix)
-    decisions = [await limiter.hit("u") for _ in range(3)]
+    window = 0.5
+    limiter = RateLimiter(redis_client, FixedWindow(limit=2, window=window), prefix=key_prefix)
+    for attempt in range(5):
+        # Start each attempt just after a window boundary, under a fresh identity, so the
+        # three hits share one window even on a loaded machine (else try the next one).
+        now = (await limiter.peek("clock")).server_time
+        await anyio.sleep(window - (now % window) + 0.005)
+        identity = f"u{attempt}"
+        decisions = [await limiter.hit(identity) for _ in range(3)]
+        if decisions[-1].server_time // window == decisions[0].server_time // window:
+            break
     allowed = [d.allowed for d in decisions]
-    if allowed != [True, True, False]:  # a window boundary fell between the hits
-        decisions = [await limiter.hit("u") for _ in range(3)]
-        allowed = [d.allowed for d in decisions]
     assert allowed == [True, True, False]
     assert [d.remaining for d in decisions] == [1, 0, 0]
     denied = decisions[-1]
-    boundary = (math.floor(denied.server_time / 0.2) + 1) * 0.2
+    boundary = (math.floor(denied.server_time / window) + 1) * window
     assert denied.retry_after == pytest.approx(boundary - denied.server_time, abs=2e-6)
     await anyio.sleep(denied.retry_after + 0.005)
-    assert (await limiter.hit("u")).remaining == 1
+    assert (await limiter.hit(identity)).remaining == 1
 
 
 async def test_sliding_counter_weights_previous_window(redis_client: Any, key_prefix: str) -> None:
