@@ -26,7 +26,6 @@ Capability detection (``_capabilities``) is built on :func:`execute`.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -40,7 +39,7 @@ from ._backoff import Backoff
 from ._connection import AnyRedis, is_cluster, state_of
 from ._pipeline import AutoPipeline, PipelineStats, apply_callback, packer_of
 from ._translate import NoScriptReply, reraise
-from ._transport import cancel_count, guarded, send
+from ._transport import checkout, guarded, send
 from .errors import (
     CommandError,
     CommandTimeout,
@@ -441,14 +440,7 @@ async def _checkout(
 ) -> tuple[AbstractConnection, Callable[[AbstractConnection], Awaitable[None]]]:
     if not isinstance(client, RedisCluster):
         pool = client.connection_pool
-        before = cancel_count()
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        if cancel_count() > before:
-            # redis-py's handshake swallowed our cancellation (see _transport).
-            with anyio.CancelScope(shield=True):
-                await pool.release(connection)
-            raise asyncio.CancelledError
-        return connection, pool.release
+        return await checkout(pool), pool.release
     await client.initialize()
     node = client.get_default_node() if key is None else client.get_node_from_key(key)  # type: ignore[arg-type]
     if node is None:

@@ -75,12 +75,12 @@ import anyio
 from redis import exceptions as rex
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.connection import PythonRespSerializer
 from redis.typing import EncodableT
 
 from ._connection import AnyRedis, state_of
-from ._transport import abort, cancel_count, drain, guarded, open_stream_writer, send
+from ._transport import abort, checkout, drain, guarded, open_stream_writer, send
 from .errors import ConfigurationError
 
 try:
@@ -423,22 +423,17 @@ class AutoPipeline:
         if connection is None:
             # redis-py retries the connect itself (the client's ``retries``): nothing
             # has been sent, so that is always safe.
-            before = cancel_count()
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-            if cancel_count() > before:
-                # redis-py's handshake swallowed our cancellation (see _transport).
-                with anyio.CancelScope(shield=True):
-                    await pool.release(connection)
-                raise asyncio.CancelledError
+            connection = await checkout(pool)
             self._connection = connection
-            return connection  # type: ignore[no-any-return]
+            return connection
         if not self._in_flight:
             # With no reply outstanding, a connection the server closed (restart, idle
             # timeout) shows as EOF: reconnect before writing, so nothing is lost. A
             # health check (PING) is only safe with no replies outstanding, too.
             try:
-                await guarded(pool.ensure_connection(connection))
-                await guarded(connection.check_health())  # type: ignore[no-untyped-call]
+                # One guard for both calls: this runs before every write to an idle
+                # connection (every command of a lone caller).
+                await guarded(_reconnect_if_closed(pool, connection))
             except BaseException as exc:
                 # Cut short (cancelled, failed): the connection's state is unknown.
                 self._fail_connection(connection, exc)
@@ -636,6 +631,11 @@ class AutoPipeline:
                         call.future.set_result(result)
         if cancelled is not None:
             raise cancelled
+
+
+async def _reconnect_if_closed(pool: ConnectionPool, connection: AbstractConnection) -> None:
+    await pool.ensure_connection(connection)
+    await connection.check_health()  # type: ignore[no-untyped-call]
 
 
 def packer_of(client: AnyRedis) -> Callable[[tuple[EncodableT, ...]], list[bytes]]:

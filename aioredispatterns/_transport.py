@@ -25,9 +25,17 @@ import anyio
 from redis import exceptions as rex
 
 if TYPE_CHECKING:
-    from redis.asyncio.connection import AbstractConnection
+    from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
-__all__ = ("abort", "cancel_count", "drain", "guarded", "open_stream_writer", "send")
+__all__ = (
+    "abort",
+    "cancel_count",
+    "checkout",
+    "drain",
+    "guarded",
+    "open_stream_writer",
+    "send",
+)
 
 T = TypeVar("T")
 
@@ -94,3 +102,18 @@ async def guarded(awaitable: Awaitable[T]) -> T:
     if cancel_count() > before:
         raise asyncio.CancelledError("cancelled during a redis-py call that kept its result")
     return result
+
+
+async def checkout(pool: ConnectionPool) -> AbstractConnection:
+    """A connected connection from ``pool`` (redis-py connects and retries it).
+
+    If redis-py's handshake swallowed a cancellation, the connection goes back to the pool
+    (shielded) and the cancellation is raised.
+    """
+    before = cancel_count()
+    connection: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    if cancel_count() > before:
+        with anyio.CancelScope(shield=True):
+            await pool.release(connection)
+        raise asyncio.CancelledError("cancelled while redis-py connected")
+    return connection
