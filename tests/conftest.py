@@ -9,7 +9,7 @@ import pytest
 
 if TYPE_CHECKING:  # imported by the plugin itself: importing it here first would
     # keep pytest from rewriting its assertions
-    from aioredispatterns.testing import RedisServer
+    from aioredispatterns.testing import FaultProxy, RedisServer
 
 pytest_plugins = ["aioredispatterns.testing"]
 
@@ -22,3 +22,15 @@ def own_server(redis_server: RedisServer) -> Iterator[RedisServer]:
         pytest.skip("stops or pauses a server: needs one this suite started")
     with type(redis_server)(redis_server.binary, name="private") as server:
         yield server
+
+
+@pytest.fixture
+def proxy(redis_server: RedisServer) -> Iterator[FaultProxy]:
+    """A :class:`FaultProxy` in front of the current matrix server (one this suite
+    started: faults through an external server's proxy would be the user's own)."""
+    from aioredispatterns.testing import FaultProxy
+
+    if not redis_server.owned:
+        pytest.skip("needs a server this suite started (a proxy in front of it)")
+    with FaultProxy(redis_server.port) as running:
+        yield running

@@ -4,21 +4,11 @@ connection cut as the reply starts leaves exactly one entry (it used to be 2-4 w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import anyio
 import pytest
 
 from aioredispatterns import ConnectionFailed, StreamProducer, connect
 from aioredispatterns.testing import FaultProxy, RedisServer
-
-
-@pytest.fixture
-def proxy(redis_server: RedisServer) -> Iterator[FaultProxy]:
-    if not redis_server.owned:
-        pytest.skip("needs a server this suite started (a proxy in front of it)")
-    with FaultProxy(redis_server.port) as running:
-        yield running
 
 
 @pytest.mark.parametrize("auto_pipeline", [True, False], ids=["pipelined", "direct"])

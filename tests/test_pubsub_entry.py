@@ -4,7 +4,6 @@ hangs up mid-confirmation, gives one library error in time (through a fault prox
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import anyio
 import pytest
@@ -16,15 +15,7 @@ from aioredispatterns import (
     connect,
     subscribe,
 )
-from aioredispatterns.testing import FaultProxy, RedisServer, borrowed_connections
-
-
-@pytest.fixture
-def proxy(redis_server: RedisServer) -> Iterator[FaultProxy]:
-    if not redis_server.owned:
-        pytest.skip("needs a server this suite started (a proxy in front of it)")
-    with FaultProxy(redis_server.port) as running:
-        yield running
+from aioredispatterns.testing import FaultProxy, borrowed_connections
 
 
 async def test_a_server_that_never_confirms_fails_entry_within_confirm_timeout(
