@@ -261,6 +261,8 @@ class LockStats:
     """Counters of one :class:`Lock`, :class:`~aioredispatterns.Semaphore` or
     :class:`~aioredispatterns.Redlock` object in this process (``.stats`` is a copy).
 
+    A plain snapshot in memory: reading it sends nothing, so nothing to cancel.
+
     Attributes:
         acquired: leases granted.
         not_acquired: acquires that gave up (:class:`LockNotAcquired`).

@@ -68,6 +68,9 @@ class PrometheusCollector:
     Raises:
         ConfigurationError: ``prometheus_client`` is not installed
             (``pip install 'aioredispatterns[prometheus]'``), or a bad namespace.
+
+    Nothing here is a coroutine and nothing talks to Redis: a scrape reads the snapshots
+    the primitives keep in memory, so there is nothing to cancel.
     """
 
     def __init__(self, namespace: str = "aioredispatterns") -> None:

@@ -391,6 +391,8 @@ _KEY_CACHE_MAX_ENTRY = _KEY_CACHE_BYTES // 64
 class LimiterStats:
     """Counters of one :class:`RateLimiter` in this process (``.stats`` is a copy).
 
+    A plain snapshot in memory: reading it sends nothing, so nothing to cancel.
+
     Attributes:
         decisions: hits answered by the server.
         allowed: hits allowed (units consumed).

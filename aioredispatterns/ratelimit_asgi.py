@@ -65,6 +65,7 @@ def bounded_identity(limiter: RateLimiter, identity: str | bytes) -> str | bytes
     An identity taken from the request (a header, an API key) is client-controlled and
     can be any size; the limiter refuses one above ``max_identity_bytes`` with an error,
     which would turn an abusive request into a server error instead of a limited one.
+    Not a coroutine (a hash at most): nothing to cancel, nothing sent.
     """
     if isinstance(identity, str):
         try:

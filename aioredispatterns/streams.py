@@ -160,6 +160,8 @@ class StreamRetention:
 class ProducerStats:
     """Counters of one :class:`StreamProducer` in this process (``.stats`` is a copy).
 
+    A plain snapshot in memory: reading it sends nothing, so nothing to cancel.
+
     Attributes:
         added: entries appended (replies received).
         failed: ``add`` / ``add_many`` calls that raised after sending (the entry may
