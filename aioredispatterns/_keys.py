@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, TypeAlias, TypeVar
 
 from ._validate import MAX_NAME_BYTES, check_name
 from .errors import ConfigurationError
@@ -19,7 +19,7 @@ DEFAULT_PREFIX = "arp"
 # A prefix is part of every key: keep it short.
 _MAX_PREFIX_BYTES = 128
 
-KeyT = str | bytes
+KeyT: TypeAlias = str | bytes
 
 V = TypeVar("V")
 

@@ -40,12 +40,13 @@ import os
 import random
 import string
 import struct
+import sys
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Generic, Literal, ParamSpec, Self, TypeVar
+from typing import Any, Final, Generic, Literal, ParamSpec, Self, TypeVar, overload
 
 import anyio
 from anyio import AsyncContextManagerMixin
@@ -82,9 +83,18 @@ __all__ = (
     "ValueTooLarge",
 )
 
-logger = logging.getLogger("aioredispatterns.cache")
+if sys.version_info >= (3, 13):
+    from typing import TypeVar as DefaultTypeVar
+else:  # a TypeVar with a default (PEP 696) before Python 3.13
+    from typing_extensions import TypeVar as DefaultTypeVar
 
+logger: logging.Logger = logging.getLogger("aioredispatterns.cache")
+
+# The value type of a Cache[T]; a plain Cache(...) is a Cache[Any].
+T = DefaultTypeVar("T", default=Any)
 V = TypeVar("V")
+D = TypeVar("D")
+K = TypeVar("K", bound=str | bytes)
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -143,6 +153,8 @@ _UNREADABLE: Final = _Unreadable()
 
 
 class _Unset:
+    """The type of ``UNSET``: "not given" where ``None`` has a meaning of its own."""
+
     __slots__ = ()
 
     def __repr__(self) -> str:
@@ -331,12 +343,17 @@ def _jittered_ms(seconds: float, jitter: float) -> int:
     return max(1, int(seconds * 1000 * factor))
 
 
-class Cache(AsyncContextManagerMixin):
+class Cache(AsyncContextManagerMixin, Generic[T]):
     """A cache-aside cache on Redis. Open it with ``async with Cache(client, ttl=...)``.
 
     Keys are the caller's strings; each is stored as ``<prefix>:cache:{<key>}`` (one
     cluster slot per entry, shared with its lease). Values go through ``serializer``
     (JSON by default).
+
+    Typing: ``Cache[User](client, ttl=60)`` tells a type checker what the cache holds,
+    so :meth:`get` returns ``User | None`` and :meth:`set` accepts ``User``; a plain
+    ``Cache(...)`` is a ``Cache[Any]``. :meth:`get_or_load` always returns its loader's
+    type. The subscript changes nothing at runtime: the serializer decides what comes back.
 
     Args:
         client: a ``redis.asyncio.Redis`` or ``RedisCluster`` (see ``connect()``); not
@@ -381,7 +398,7 @@ class Cache(AsyncContextManagerMixin):
         self._max_key_bytes = check_count(
             "max_key_bytes", max_key_bytes, minimum=1, maximum=_MAX_KEY_BYTES
         )
-        self.policy = CachePolicy(
+        self.policy: CachePolicy = CachePolicy(
             ttl=ttl,  # type: ignore[arg-type]  # UNSET is refused in __post_init__
             stale_ttl=stale_ttl,
             negative_ttl=negative_ttl,
@@ -592,6 +609,10 @@ class Cache(AsyncContextManagerMixin):
             if shared.done is not None:
                 shared.done.set()
 
+    @overload
+    async def get(self, key: str | bytes) -> T | None: ...
+    @overload
+    async def get(self, key: str | bytes, default: D) -> T | D: ...
     async def get(self, key: str | bytes, default: Any = None) -> Any:
         """The cached value of ``key`` (fresh or within ``stale_ttl``), else ``default``.
 
@@ -630,7 +651,7 @@ class Cache(AsyncContextManagerMixin):
             logger.warning("cache entry %r cannot be decoded, treated as a miss: %s", rkey, exc)
             return _UNREADABLE
 
-    async def get_many(self, keys: Iterable[str | bytes]) -> dict[str | bytes, Any]:
+    async def get_many(self, keys: Iterable[K]) -> dict[K, T]:
         """The cached values of ``keys`` in pipelined batches (cluster-safe).
 
         The result maps each key that has a value (fresh or within ``stale_ttl``);
@@ -642,7 +663,7 @@ class Cache(AsyncContextManagerMixin):
             self._client, [("GET", self._keys(k).base) for k in wanted], idempotent=True
         )
         missing = object()
-        found: dict[str | bytes, Any] = {}
+        found: dict[K, T] = {}
         for key, raw in zip(wanted, replies, strict=True):
             value = self._value_of(raw, missing, self._keys(key).base)
             if value is not missing:
@@ -652,12 +673,13 @@ class Cache(AsyncContextManagerMixin):
     # ----------------------------------------------------------------- writes
 
     async def set(
-        self, key: str | bytes, value: Any, *, ttl: float | _Unset | None = UNSET
+        self, key: str | bytes, value: T | None, *, ttl: float | _Unset | None = UNSET
     ) -> bool:
         """Store ``value`` under ``key`` with a new version (write-through on update).
 
-        A load that began before this call will not overwrite it. Returns False only
-        when the value was skipped as oversize (policy "skip").
+        A load that began before this call will not overwrite it. ``None`` stores a
+        "not found" entry (reads return their default). Returns False only when the
+        value was skipped as oversize (policy "skip").
 
         Raises:
             ValueTooLarge: above ``max_value_size`` (policy "raise"); nothing written.
@@ -678,7 +700,7 @@ class Cache(AsyncContextManagerMixin):
 
     async def set_many(
         self,
-        items: Mapping[str | bytes, Any] | Iterable[tuple[str | bytes, Any]],
+        items: Mapping[K, T | None] | Iterable[tuple[K, T | None]],
         *,
         ttl: float | _Unset | None = UNSET,
         only_missing: bool = False,
@@ -693,7 +715,9 @@ class Cache(AsyncContextManagerMixin):
         """
         check_flag("only_missing", only_missing)
         seconds = self._resolve_ttl(ttl)
-        pairs = list(items.items()) if isinstance(items, Mapping) else check_pairs("items", items)
+        pairs: list[tuple[Any, Any]] = (
+            list(items.items()) if isinstance(items, Mapping) else check_pairs("items", items)
+        )
         commands: list[tuple[Any, ...]] = []
         for key, value in pairs:
             encoded = self._encode(key, value, seconds=seconds, delta_ms=0, negative=value is None)
@@ -717,7 +741,7 @@ class Cache(AsyncContextManagerMixin):
 
     async def warm(
         self,
-        items: Mapping[str | bytes, Any] | Iterable[tuple[str | bytes, Any]],
+        items: Mapping[K, T | None] | Iterable[tuple[K, T | None]],
         *,
         ttl: float | _Unset | None = UNSET,
     ) -> int:
@@ -1099,7 +1123,7 @@ class CachedFunction(Generic[P, R]):
 
     def __init__(
         self,
-        cache: Cache,
+        cache: Cache[Any],
         func: Callable[P, Awaitable[R]],
         *,
         ttl: float | _Unset | None,

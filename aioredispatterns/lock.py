@@ -176,6 +176,11 @@ class Lease:
 
     __slots__ = ("_manager", "_released", "_valid_until", "lost", "name", "owner", "token")
 
+    name: str
+    owner: str
+    token: int
+    lost: anyio.Event
+
     def __init__(self, manager: _LeaseManager, owner: str, token: int, valid_until: float) -> None:
         self._manager = manager
         self._released = False

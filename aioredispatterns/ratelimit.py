@@ -60,7 +60,7 @@ from ._validate import (
 )
 from .errors import ConfigurationError, RedisPatternsError
 
-logger = logging.getLogger("aioredispatterns.ratelimit")
+logger: logging.Logger = logging.getLogger("aioredispatterns.ratelimit")
 
 __all__ = (
     "FixedWindow",

@@ -161,7 +161,7 @@ class Redlock(_LeaseManager):
         # The shielded cleanup around a release (``async with`` exit, cancelled acquire)
         # must not cut the release's own deadline short.
         self._cleanup_timeout = self._release_timeout
-        self.quorum = len(self._clients) // 2 + 1
+        self.quorum: int = len(self._clients) // 2 + 1
         self._last_refusal = "is held by someone else"
         self._owner_key = keys.key("owner")
         self._fence_key = keys.key("fence")

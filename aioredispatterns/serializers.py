@@ -273,6 +273,7 @@ class JsonSerializer:
         self._orjson = module
 
     def dumps(self, value: Any) -> bytes:
+        """Encode ``value`` as compact UTF-8 JSON; SerializationError if it is not JSON."""
         try:
             if self._orjson is not None:
                 _check_json(value, 0)
@@ -288,6 +289,7 @@ class JsonSerializer:
             raise SerializationError(f"value is not JSON-serializable: {exc}") from exc
 
     def loads(self, data: bytes) -> Any:
+        """Decode a JSON document; SerializationError if ``data`` is not valid JSON."""
         _check_bytes(data)
         try:
             if self._orjson is not None:
@@ -315,12 +317,14 @@ class MsgpackSerializer:
         self._msgpack = msgpack
 
     def dumps(self, value: Any) -> bytes:
+        """Encode ``value`` as MessagePack; SerializationError if it cannot be packed."""
         try:
             return bytes(self._msgpack.packb(value, use_bin_type=True))
         except (TypeError, ValueError, OverflowError) as exc:
             raise SerializationError(f"value is not msgpack-serializable: {exc}") from exc
 
     def loads(self, data: bytes) -> Any:
+        """Decode MessagePack; SerializationError if ``data`` is not valid MessagePack."""
         try:
             return self._msgpack.unpackb(data, raw=False, strict_map_key=False)
         except Exception as exc:
@@ -336,6 +340,7 @@ class RawSerializer:
     __slots__ = ()
 
     def dumps(self, value: Any) -> bytes:
+        """``bytes`` as they are, ``str`` as UTF-8; SerializationError for anything else."""
         if isinstance(value, bytes):
             return value
         if isinstance(value, str):
@@ -347,7 +352,8 @@ class RawSerializer:
             return bytes(value)
         raise SerializationError(f"RawSerializer stores bytes or str, not {type(value).__name__}")
 
-    def loads(self, data: bytes) -> Any:
+    def loads(self, data: bytes) -> bytes:
+        """The stored bytes, unchanged."""
         _check_bytes(data)
         return bytes(data)
 
@@ -450,6 +456,7 @@ class PickleSerializer:
         return mac.digest()
 
     def dumps(self, value: Any) -> bytes:
+        """Pickle ``value`` and sign it with the current key (HMAC-SHA256)."""
         try:
             body = pickle.dumps(value, protocol=self._protocol)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
@@ -457,6 +464,7 @@ class PickleSerializer:
         return _PICKLE_VERSION + self._sign(self._keys[0], body) + body
 
     def loads(self, data: bytes) -> Any:
+        """Unpickle ``data`` only if a known key signed it; else SerializationError."""
         _check_bytes(data)
         view = memoryview(data)
         if len(view) <= _PICKLE_HEADER_SIZE or view[0] != _PICKLE_VERSION[0]:

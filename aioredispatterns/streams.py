@@ -56,7 +56,7 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Self, TypeAlias
 
 import anyio
 from anyio.abc import TaskStatus
@@ -100,9 +100,10 @@ __all__ = (
     "StreamRetention",
 )
 
-logger = logging.getLogger("aioredispatterns.streams")
+logger: logging.Logger = logging.getLogger("aioredispatterns.streams")
 
-Handler = Callable[["StreamMessage"], Awaitable[object]]
+# What ConsumerGroup(handler=...) takes: awaited once per delivered message.
+Handler: TypeAlias = Callable[["StreamMessage"], Awaitable[object]]
 
 _NO_PENDING = "0-0"
 
@@ -296,6 +297,10 @@ class StreamMessage:
     """
 
     __slots__ = ("_fields", "_serializer", "deliveries", "id", "raw_fields")
+
+    id: str
+    raw_fields: dict[bytes, bytes]
+    deliveries: int
 
     def __init__(
         self,
@@ -596,9 +601,9 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
             raise ConfigurationError("handler must be an async callable")
         if policy is not None and not isinstance(policy, ConsumerPolicy):
             raise ConfigurationError("policy must be a ConsumerPolicy")
-        self.group = group
-        self.consumer = consumer or _default_consumer_name()
-        self.policy = policy or ConsumerPolicy()
+        self.group: str = group
+        self.consumer: str = consumer or _default_consumer_name()
+        self.policy: ConsumerPolicy = policy or ConsumerPolicy()
         self._handler = handler
         self._serializer = (
             default_serializer() if serializer is None else check_serializer(serializer)
