@@ -18,6 +18,7 @@ from .cache import (
     ValueTooLarge,
 )
 from .errors import (
+    ClusterUnavailable,
     CommandError,
     CommandTimeout,
     ConfigurationError,
@@ -99,6 +100,7 @@ __all__ = (
     "CachePolicy",
     "CacheStats",
     "CachedFunction",
+    "ClusterUnavailable",
     "CommandError",
     "CommandTimeout",
     "ConfigurationError",

@@ -74,9 +74,10 @@ async def server_info(client: AnyRedis) -> ServerInfo:
 
 
 async def _node_options(client: AnyRedis) -> dict[str, Any]:
+    # On a cluster the slot router sends keyless commands to one of the primaries
+    # (they all run the same server).
     if is_cluster(client):
         await execute_initialize(client)
-        return {"target_nodes": client.get_default_node()}  # type: ignore[union-attr]
     return {}
 
 

@@ -36,7 +36,8 @@ from redis import exceptions as rex
 from redis.asyncio.cluster import RedisCluster
 
 from ._backoff import Backoff
-from ._connection import AnyRedis, is_cluster, state_of
+from ._cluster import SlotRouter, route_key
+from ._connection import AnyRedis, ClusterClient, is_cluster, node_factory_of, state_of
 from ._pipeline import AutoPipeline, PipelineStats, apply_callback, packer_of
 from ._translate import NoScriptReply, reraise
 from ._transport import checkout, guarded, send
@@ -49,6 +50,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
     from redis.asyncio.connection import AbstractConnection
 
     from ._keys import KeyT
@@ -77,10 +79,46 @@ def pipeline_stats(client: AnyRedis) -> PipelineStats | None:
     """Counters of ``client``'s auto-pipeline, or None if it has not been used (or is off).
 
     Example: ``stats.mean_batch_size`` tells how many commands share a round trip.
+    On a cluster, the sums over the auto-pipelines of its nodes.
     A plain read of counters: nothing is sent, nothing to cancel.
     """
-    pipeline = state_of(client).pipeline
-    return pipeline.stats if pipeline is not None else None
+    state = state_of(client)
+    if state.router is None:
+        return state.pipeline.stats if state.pipeline is not None else None
+    parts = [stats for node in state.router.nodes if (stats := pipeline_stats(node)) is not None]
+    if not parts:
+        return None
+    return PipelineStats(
+        batches=sum(s.batches for s in parts),
+        commands=sum(s.commands for s in parts),
+        max_in_flight=max(s.max_in_flight for s in parts),
+        connection_errors=sum(s.connection_errors for s in parts),
+    )
+
+
+def _router_of(client: RedisCluster) -> SlotRouter:
+    """The slot router of a cluster client (created on first use, closed with it)."""
+    state = state_of(client)
+    router = state.router
+    if router is None:
+        router = state.router = SlotRouter(client, node_factory_of(client))
+        if not isinstance(client, ClusterClient):
+            _close_with(client, router)
+    return router
+
+
+def _close_with(client: RedisCluster, router: SlotRouter) -> None:
+    """Close ``router``'s node pools when a ``RedisCluster`` not built by connect() is
+    closed (``ClusterClient`` does this itself)."""
+    close_cluster = client.aclose
+
+    async def aclose() -> None:
+        try:
+            await router.close()
+        finally:
+            await close_cluster()
+
+    client.aclose = aclose  # type: ignore[method-assign]
 
 
 def _pipeline_of(client: AnyRedis) -> AutoPipeline | None:
@@ -108,20 +146,75 @@ async def execute(client: AnyRedis, *args: Arg, **options: Any) -> Any:
     # The hot path of every primitive: a plain try/except is cheaper than a context
     # manager per command.
     try:
+        if is_cluster(client):
+            return await _routed(client, args, options)  # type: ignore[arg-type]
         pipeline = _pipeline_of(client)
         if pipeline is not None:
             return await pipeline.execute(*args, **options)
-        return await _execute_direct(client, args, options)
+        return await _execute_direct(client, args, options)  # type: ignore[arg-type]
     except Exception as exc:
         reraise(exc)
 
 
-async def _execute_direct(client: AnyRedis, args: Sequence[Arg], options: dict[str, Any]) -> Any:
-    if is_cluster(client):
-        # The cluster client routes by slot and follows redirections itself.
-        return await client.execute_command(*args, **options)
+async def _execute_direct(client: Redis, args: Sequence[Arg], options: dict[str, Any]) -> Any:
     async with dedicated(client) as connection:
         return await connection.command(*args, **options)
+
+
+async def _on_node(node: Redis, args: Sequence[Arg], options: dict[str, Any]) -> Any:
+    pipeline = _pipeline_of(node)
+    if pipeline is not None:
+        return await pipeline.execute(*args, **options)
+    return await _execute_direct(node, args, options)
+
+
+async def _asking(node: Redis, args: Sequence[Arg], options: dict[str, Any]) -> Any:
+    """``ASKING`` and the command back to back on one connection (a slot in migration)."""
+    async with dedicated(node) as connection:
+        await connection.send("ASKING")
+        await connection.send(*args)
+        await connection.read()
+        reply = await connection.read()
+    return apply_callback(node, args[0], reply, options)
+
+
+async def _routed(client: RedisCluster, args: Sequence[Arg], options: dict[str, Any]) -> Any:
+    """One command on the cluster node that serves its key (see ``_cluster``)."""
+
+    async def run(node: Redis) -> Any:
+        return await _on_node(node, args, options)
+
+    async def run_asking(node: Redis) -> Any:
+        return await _asking(node, args, options)
+
+    return await _router_of(client).call(route_key(args), run, run_asking)
+
+
+async def _routed_many(client: RedisCluster, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    """A batch on a cluster: each command on its node's auto-pipeline, all at once.
+
+    The commands start in order, so those bound for one node are queued (and run) in
+    order there. Every reply is awaited; then a connection error is raised before an
+    error reply, else the first error reply.
+    """
+    if len(commands) == 1:
+        return [await _routed(client, commands[0], {})]
+    results: list[Any] = [None] * len(commands)
+    failed: list[Exception] = []
+
+    async def one(index: int) -> None:
+        try:
+            results[index] = await _routed(client, commands[index], {})
+        except Exception as exc:
+            failed.append(exc)
+
+    async with anyio.create_task_group() as group:
+        for index in range(len(commands)):
+            group.start_soon(one, index)
+    if failed:
+        broken = [exc for exc in failed if isinstance(exc, ConnectionError | OSError)]
+        raise (broken or failed)[0]
+    return results
 
 
 async def execute_many(
@@ -158,7 +251,7 @@ async def execute_many(
 async def _execute_many_once(client: AnyRedis, commands: Sequence[Sequence[Arg]]) -> list[Any]:
     try:
         if is_cluster(client):
-            return await _cluster_batch(client, commands)  # type: ignore[arg-type]
+            return await _routed_many(client, commands)  # type: ignore[arg-type]
         pipeline = _pipeline_of(client)
         if pipeline is not None:
             return await pipeline.execute_many(commands)
@@ -166,13 +259,6 @@ async def _execute_many_once(client: AnyRedis, commands: Sequence[Sequence[Arg]]
             return await connection.batch(commands)
     except Exception as exc:
         reraise(exc)
-
-
-async def _cluster_batch(client: RedisCluster, commands: Sequence[Sequence[Arg]]) -> list[Any]:
-    pipe = client.pipeline(transaction=False)
-    for command in commands:
-        pipe.execute_command(*command)
-    return await pipe.execute()
 
 
 async def execute_script(
@@ -188,14 +274,19 @@ async def execute_script(
     server (it runs atomically) stays done.
     """
     try:
-        pipeline = _pipeline_of(client)
         run: Callable[..., Awaitable[Any]]
+        pipeline = None if is_cluster(client) else _pipeline_of(client)
         if pipeline is not None:
             run = pipeline.execute
+        elif is_cluster(client):
+
+            async def run(*command: Arg) -> Any:
+                return await _routed(client, command, {})  # type: ignore[arg-type]
+
         else:
 
             async def run(*command: Arg) -> Any:
-                return await _execute_direct(client, command, {})
+                return await _execute_direct(client, command, {})  # type: ignore[arg-type]
 
         try:
             return await run("EVALSHA", sha, len(keys), *keys, *args)
@@ -219,16 +310,25 @@ async def execute_blocking(client: AnyRedis, *args: Arg, block: float, **options
     caller) and returned to the pool, shielded; a command the server completes after
     that is lost to this caller, so use BLMOVE into a processing list where that matters.
     """
-    if is_cluster(client):
-        # The cluster client routes by key and owns its node connections; keep ``block``
-        # below its socket timeout there.
-        try:
-            return await client.execute_command(*args, **options)
-        except Exception as exc:
-            reraise(exc)
-    async with dedicated(client) as connection:
-        limit = block + (connection.socket_timeout or 0.0) + 1.0
-        return await connection.command(*args, timeout=limit, **options)
+    if not is_cluster(client):
+        async with dedicated(client) as connection:
+            limit = block + (connection.socket_timeout or 0.0) + 1.0
+            return await connection.command(*args, timeout=limit, **options)
+
+    async def run(node: Redis) -> Any:
+        return await execute_blocking(node, *args, block=block, **options)
+
+    async def run_asking(node: Redis) -> Any:
+        async with dedicated(node) as connection:
+            limit = block + (connection.socket_timeout or 0.0) + 1.0
+            await connection.send("ASKING")
+            await connection.read()
+            return await connection.command(*args, timeout=limit, **options)
+
+    try:
+        return await _router_of(client).call(route_key(args), run, run_asking)  # type: ignore[arg-type]
+    except Exception as exc:
+        reraise(exc)
 
 
 class Dedicated:
@@ -238,11 +338,29 @@ class Dedicated:
     connection broken: it is closed, not reused, when :func:`dedicated` releases it.
     """
 
-    __slots__ = ("_broken", "_client", "_connection", "_pending", "socket_timeout")
+    __slots__ = (
+        "_broken",
+        "_client",
+        "_connection",
+        "_key",
+        "_pending",
+        "_router",
+        "socket_timeout",
+    )
 
-    def __init__(self, client: AnyRedis, connection: AbstractConnection) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        connection: AbstractConnection,
+        *,
+        router: SlotRouter | None = None,
+        key: KeyT | None = None,
+    ) -> None:
         self._client = client
         self._connection = connection
+        # On a cluster: the router and key that chose the node (see reconnect()).
+        self._router = router
+        self._key = key
         self._pending = 0  # replies sent for and not yet read
         self._broken = False
         self.socket_timeout: float | None = connection.socket_timeout
@@ -348,7 +466,22 @@ class Dedicated:
         return replies
 
     async def reconnect(self) -> None:
-        """Close the socket and connect again (no retry: the caller's loop decides)."""
+        """Close the socket and connect again (no retry: the caller's loop decides).
+
+        On a cluster the slot map is re-read first, and the connection moves to the node
+        that now serves the key (a primary failed over, a slot migrated), or for no key
+        to a primary still in the map.
+        """
+        if self._router is not None:
+            try:
+                self._router.mark_stale()
+                node = await self._router.node_for(self._key)
+                if node is not self._client:
+                    await self._move_to(node)
+                    return
+            except Exception as exc:
+                self._broken = True
+                reraise(exc)
         connection = self._connection
         self._pending = 0
         try:
@@ -368,6 +501,30 @@ class Dedicated:
         self._broken = True
         await self._connection.disconnect(nowait=True)
 
+    async def _move_to(self, node: Redis) -> None:
+        """Take a connection of ``node``'s pool; the old one is closed and given back."""
+        connection = await checkout(node.connection_pool)
+        old, old_client = self._connection, self._client
+        self._connection, self._client = connection, node
+        self._pending = 0
+        self._broken = False
+        self.socket_timeout = connection.socket_timeout
+        await _give_back(old_client, old, reusable=False)
+
+    async def release(self, *, reusable: bool) -> None:
+        """Give the connection back to its pool, closed first unless in step and
+        ``reusable`` (shielded and bounded: it runs on every exit path)."""
+        await _give_back(self._client, self._connection, reusable=reusable and self.reusable)
+
+
+async def _give_back(client: Redis, connection: AbstractConnection, *, reusable: bool) -> None:
+    with anyio.CancelScope(shield=True), anyio.move_on_after(_RELEASE_TIMEOUT):
+        try:
+            if not reusable:
+                await connection.disconnect(nowait=True)
+        finally:
+            await client.connection_pool.release(connection)
+
 
 async def execute_initialize(client: AnyRedis) -> None:
     """Load a cluster client's slot map if it has none yet (nothing on a standalone one).
@@ -378,7 +535,7 @@ async def execute_initialize(client: AnyRedis) -> None:
     """
     if isinstance(client, RedisCluster):
         try:
-            await client.initialize()
+            await _router_of(client).node_for(None)
         except Exception as exc:
             reraise(exc)
 
@@ -391,12 +548,12 @@ async def node_of(client: AnyRedis, key: KeyT) -> str | None:
     """
     if not isinstance(client, RedisCluster):
         return None
+    router = _router_of(client)
     try:
-        await client.initialize()
-        node = client.get_node_from_key(key)  # type: ignore[arg-type]
+        await router.node_for(key)
     except Exception as exc:
         reraise(exc)
-    return None if node is None else str(node.name)
+    return router.node_name(key)
 
 
 @asynccontextmanager
@@ -419,40 +576,18 @@ async def dedicated(
     one that was not in step (a reply outstanding, a failed or cancelled I/O) is closed
     first, so nobody ever reads another caller's reply.
     """
+    router: SlotRouter | None = None
     try:
-        connection, release = await _checkout(client, key)
+        if isinstance(client, RedisCluster):
+            router = _router_of(client)
+            node = await router.node_for(key)
+        else:
+            node = client
+        connection = await checkout(node.connection_pool)
     except Exception as exc:
         reraise(exc)
-    handle = Dedicated(client, connection)
+    handle = Dedicated(node, connection, router=router, key=key)
     try:
         yield handle
     finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_RELEASE_TIMEOUT):
-            try:
-                if not reusable or not handle.reusable:
-                    await connection.disconnect(nowait=True)
-            finally:
-                await release(connection)
-
-
-async def _checkout(
-    client: AnyRedis, key: KeyT | None
-) -> tuple[AbstractConnection, Callable[[AbstractConnection], Awaitable[None]]]:
-    if not isinstance(client, RedisCluster):
-        pool = client.connection_pool
-        return await checkout(pool), pool.release
-    await client.initialize()
-    node = client.get_default_node() if key is None else client.get_node_from_key(key)  # type: ignore[arg-type]
-    if node is None:
-        raise rex.ConnectionError("no cluster node is known for this key")
-    connection = node.acquire_connection()
-    try:
-        await guarded(connection.connect())  # type: ignore[no-untyped-call]
-    except BaseException:
-        node.release(connection)
-        raise
-
-    async def release(used: AbstractConnection) -> None:
-        node.release(used)  # type: ignore[arg-type]
-
-    return connection, release
+        await handle.release(reusable=reusable)

@@ -24,6 +24,7 @@ from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from ._capabilities import ServerInfo
+    from ._cluster import SlotRouter
     from ._pipeline import AutoPipeline
 
 AnyRedis: TypeAlias = "Redis | RedisCluster"
@@ -41,9 +42,11 @@ class ClientState:
         "client",
         "info",
         "info_lock",
+        "node_factory",
         "packer",
         "pipeline",
         "retries",
+        "router",
     )
 
     def __init__(self, client: AnyRedis, *, auto_pipeline: bool = True) -> None:
@@ -57,6 +60,9 @@ class ClientState:
         self.info_lock: anyio.Lock | None = None
         self.pipeline: AutoPipeline | None = None
         self.packer: Callable[[tuple[Any, ...]], list[bytes]] | None = None
+        # Cluster clients: the slot router, and how it builds a client per node.
+        self.router: SlotRouter | None = None
+        self.node_factory: Callable[[str, int], Redis] | None = None
 
 
 def check_client(client: object) -> AnyRedis:
@@ -277,9 +283,10 @@ def connect(
     client: Redis | RedisCluster
     try:
         if use_cluster:
-            client = RedisCluster.from_url(
+            client = ClusterClient.from_url(
                 url, max_connections=max_connections, retry=retry, **options
             )
+            node_options = _node_options(client, timeout=pool_timeout, retry=retry)
         else:
             pool = BlockingConnectionPool.from_url(
                 url, max_connections=max_connections, timeout=pool_timeout, retry=retry, **options
@@ -289,14 +296,76 @@ def connect(
     except (ValueError, TypeError) as exc:
         # redis-py parses the URL and options here (a port out of range, a bad query).
         raise ConfigurationError(f"cannot build a client for {url!r}: {exc}") from None
-    set_state(
-        client,
-        auto_pipeline=auto_pipeline,
-        retries=retries,
-        backoff_base=backoff_base,
-        backoff_cap=backoff_cap,
-    )
+    rules = {
+        "auto_pipeline": auto_pipeline,
+        "retries": retries,
+        "backoff_base": backoff_base,
+        "backoff_cap": backoff_cap,
+    }
+    set_state(client, **rules)
+    if use_cluster:
+
+        def node_client(host: str, port: int) -> Redis:
+            node = Redis.from_pool(BlockingConnectionPool(host=host, port=port, **node_options))
+            set_state(node, **rules)
+            return node
+
+        set_state(client, node_factory=node_client)
     return client
+
+
+# What a cluster client's connection options hold that a node's pool must not get.
+_CLUSTER_ONLY = frozenset({"response_callbacks", "himport_registry", "host", "port"})
+
+
+def _node_options(cluster: RedisCluster, **pool: Any) -> dict[str, Any]:
+    """The pool options of one cluster node: the cluster client's connection options
+    (parsed from the URL: credentials, TLS, timeouts) on a blocking bounded pool."""
+    options = {k: v for k, v in cluster.connection_kwargs.items() if k not in _CLUSTER_ONLY}
+    options.update(pool)
+    return options
+
+
+def node_factory_of(cluster: RedisCluster) -> Callable[[str, int], Redis]:
+    """How the slot router builds a client for one node of ``cluster``.
+
+    Clients from :func:`connect` carry their own; for any other ``RedisCluster`` the
+    nodes get its connection options and its retry policy for connecting.
+    """
+    state = state_of(cluster)
+    if state.node_factory is not None:
+        return state.node_factory
+    options = _node_options(cluster, retry=cluster.retry)
+
+    def node_client(host: str, port: int) -> Redis:
+        node = Redis.from_pool(BlockingConnectionPool(host=host, port=port, **options))
+        set_state(
+            node,
+            auto_pipeline=state.auto_pipeline,
+            retries=state.retries,
+            backoff_base=state.backoff_base,
+            backoff_cap=state.backoff_cap,
+        )
+        return node
+
+    state.node_factory = node_client
+    return node_client
+
+
+class ClusterClient(RedisCluster):
+    """redis-py's ``RedisCluster`` for your own commands; :func:`connect` returns it.
+
+    The library's commands go through its slot router instead (``_cluster``), whose
+    per-node pools are closed with the client.
+    """
+
+    async def aclose(self) -> None:
+        state: ClientState | None = self.__dict__.get(_ATTR)
+        try:
+            if state is not None and state.router is not None:
+                await state.router.close()
+        finally:
+            await super().aclose()
 
 
 class _JitterBackoff(AbstractBackoff):

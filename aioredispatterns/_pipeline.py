@@ -57,9 +57,8 @@ reconnected (its replies would go to the wrong callers). An error *reply* (``-ER
 
 Cluster
 -------
-On a :class:`~redis.asyncio.cluster.RedisCluster` the commands of one iteration go out as
-one redis-py cluster pipeline, which groups them by slot owner (one batch per node) and
-follows MOVED/ASK redirections.
+A cluster client has no auto-pipeline of its own: the slot router (``_cluster``) gives
+each node a standalone client, and each of those has its own auto-pipeline.
 """
 
 from __future__ import annotations
@@ -175,15 +174,12 @@ class AutoPipeline:
         flush_at: int = DEFAULT_FLUSH_AT,
     ) -> None:
         self._client = client
-        self._cluster = isinstance(client, RedisCluster)
         self._max_batch = max_batch
         self._max_bytes = max_batch_bytes
         self._flush_at = flush_at
         self._pack = packer_of(client)
-        self._timeout: float | None = (
-            None
-            if self._cluster
-            else client.connection_pool.connection_kwargs.get("socket_timeout")  # type: ignore[union-attr]
+        self._timeout: float | None = client.connection_pool.connection_kwargs.get(  # type: ignore[union-attr]
+            "socket_timeout"
         )
         self._commands_seen: dict[EncodableT, tuple[str, Callable[..., Any] | None]] = {}
         self._queue: list[_Call] = []  # packed, not yet written
@@ -246,9 +242,6 @@ class AutoPipeline:
         Raises:
             ConfigurationError: a blocking command (it would stall the whole batch).
         """
-        if self._cluster:
-            self._describe(args[0])
-            return await self._execute_cluster(args, options)
         call = self._call(args, options)
         self._queue.append(call)
         if not self._writing:
@@ -584,53 +577,6 @@ class AutoPipeline:
                     await connection.disconnect(nowait=True)
                 finally:
                     await client.connection_pool.release(connection)
-
-    # ------------------------------------------------------------------ cluster
-
-    async def _execute_cluster(self, args: tuple[EncodableT, ...], options: dict[str, Any]) -> Any:
-        call = _Call([], "", options, asyncio.get_running_loop().create_future())
-        call.args = args
-        self._queue.append(call)
-        if not self._writing:
-            self._writing = True
-            await self._lead_cluster()
-        return await call.future
-
-    async def _lead_cluster(self) -> None:
-        cancelled: BaseException | None = None
-        with anyio.CancelScope(shield=True):
-            try:
-                await asyncio.sleep(0)
-            except asyncio.CancelledError as exc:
-                cancelled = exc
-            batch, self._queue = self._queue, []
-            self._writing = False
-            live = [call for call in batch if not call.future.done()]
-            if live:
-                cluster: RedisCluster = self._client  # type: ignore[assignment]
-                pipe = cluster.pipeline(transaction=False)
-                for call in live:
-                    pipe.execute_command(*call.args, **call.options)
-                self._batches += 1
-                self._commands += len(live)
-                self._max_in_flight = max(self._max_in_flight, len(live))
-                results: list[Any]
-                try:
-                    results = await pipe.execute(raise_on_error=False)
-                except asyncio.CancelledError as exc:
-                    cancelled = exc
-                    results = [rex.ConnectionError("cancelled mid-batch")] * len(live)
-                except Exception as exc:
-                    results = [exc] * len(live)
-                for call, result in zip(live, results, strict=True):
-                    if call.future.done():
-                        continue
-                    if isinstance(result, Exception):
-                        call.future.set_exception(result)
-                    else:
-                        call.future.set_result(result)
-        if cancelled is not None:
-            raise cancelled
 
 
 async def _reconnect_if_closed(pool: ConnectionPool, connection: AbstractConnection) -> None:

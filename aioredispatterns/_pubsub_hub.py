@@ -51,6 +51,7 @@ _MESSAGE = b"message"
 _SMESSAGE = b"smessage"
 _PMESSAGE = b"pmessage"
 _CONFIRMATIONS = {b"subscribe": b"", b"ssubscribe": b"", b"psubscribe": b"p"}
+_SUNSUBSCRIBE = b"sunsubscribe"
 # A connection that broke or stalled: the reader reconnects (the command layer has
 # translated whatever redis-py or the socket raised into one of these).
 _CONNECTION_ERRORS = (ConnectionFailed, CommandTimeout)
@@ -58,6 +59,11 @@ _CONNECTION_ERRORS = (ConnectionFailed, CommandTimeout)
 
 class PubSubError(RedisPatternsError):
     """Base of the errors raised by :mod:`aioredispatterns.pubsub`."""
+
+
+class SlotMoved(ConnectionFailed):
+    """The cluster moved a sharded channel's slot to another node (a ``sunsubscribe``
+    push): the hub resubscribes at the new owner, like after a lost connection."""
 
 
 class PubSubOverflow(PubSubError):
@@ -553,6 +559,10 @@ class Hub:
         else:
             if kind in _CONFIRMATIONS:
                 self._confirmed(kind, reply[1])
+            elif kind == _SUNSUBSCRIBE and reply[1] in self.channels:
+                # Not asked for (detach() unroutes a name before unsubscribing it): the
+                # cluster moved the channel's slot to another node. Resubscribe there.
+                raise SlotMoved(f"the slot of sharded channel {reply[1]!r} moved")
             return  # pong, unsubscribe confirmations
         if sinks is not None:
             item = reply if self.decode is None else self.decode(reply)

@@ -16,6 +16,7 @@ from typing import NoReturn
 from redis import exceptions as rex
 
 from .errors import (
+    ClusterUnavailable,
     CommandError,
     CommandTimeout,
     ConfigurationError,
@@ -52,6 +53,10 @@ def translate(exc: BaseException) -> RedisPatternsError | None:
         return ConnectionFailed(message or type(exc).__name__)
     if isinstance(exc, rex.TimeoutError | TimeoutError):
         return CommandTimeout(message or "the server did not answer in time")
+    if isinstance(exc, rex.TryAgainError | rex.ClusterDownError | rex.AskError):
+        # The cluster refused the command (a slot migrating, moved, or not served):
+        # it did not run. The slot router retries these; one that gets here is spent.
+        return ClusterUnavailable(message or type(exc).__name__)
     if isinstance(exc, rex.NoScriptError):
         return NoScriptReply(message)
     if isinstance(exc, rex.ResponseError):

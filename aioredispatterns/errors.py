@@ -15,7 +15,8 @@ the original error is kept as ``__cause__``.
     │   └── InvalidKeyError                  an empty key, or one that is not str/bytes
     ├── SerializationError (ValueError)      a value could not be encoded or decoded
     ├── ConnectionFailed (ConnectionError)   the server could not be reached or hung up
-    │   └── PoolTimeout (TimeoutError)       no pooled connection became free in time
+    │   ├── PoolTimeout (TimeoutError)       no pooled connection became free in time
+    │   └── ClusterUnavailable               the cluster could not serve a slot in time
     ├── CommandTimeout (TimeoutError)        the server did not answer within socket_timeout
     ├── CommandError                         the server answered with an error reply
     │   └── ScriptError                      a Lua script failed on the server
@@ -28,6 +29,7 @@ Each primitive adds its own sub-base next to its class (``LockError``, ``CacheEr
 from __future__ import annotations
 
 __all__ = (
+    "ClusterUnavailable",
     "CommandError",
     "CommandTimeout",
     "ConfigurationError",
@@ -69,6 +71,14 @@ class ConnectionFailed(RedisPatternsError, ConnectionError):
 
 class PoolTimeout(ConnectionFailed, TimeoutError):
     """No connection of the bounded pool became free within ``pool_timeout`` seconds."""
+
+
+class ClusterUnavailable(ConnectionFailed):
+    """A Redis Cluster could not serve a key's slot in time (``CLUSTERDOWN``, ``TRYAGAIN``
+    during a resharding, no node reachable for the slot map, endless redirections).
+
+    Unlike its base class, the command is known not to have run: retrying is safe.
+    """
 
 
 class CommandTimeout(RedisPatternsError, TimeoutError):

@@ -11,7 +11,16 @@ import aioredispatterns
 PACKAGE = Path(aioredispatterns.__file__).parent
 # The command layer (and the test harness, which starts servers with redis-py's own
 # clients): nothing else may import redis-py at run time.
-DOORS = {"_commands", "_pipeline", "_connection", "_translate", "_transport", "testing"}
+DOORS = {
+    "_cluster",
+    "_commands",
+    "_connection",
+    "_pipeline",
+    "_testing_cluster",
+    "_translate",
+    "_transport",
+    "testing",
+}
 
 
 def _runtime_imports(body: list[ast.stmt]) -> Iterator[tuple[int, str]]:
