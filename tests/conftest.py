@@ -1,4 +1,9 @@
-"""Test configuration: real throwaway servers from aioredispatterns.testing."""
+"""Test configuration: real throwaway servers from aioredispatterns.testing.
+
+``--redis-servers valkey-9.1`` (or ``ARP_REDIS_SERVERS``) narrows the matrix;
+``--redis-url URL`` (or ``ARP_TEST_REDIS_URL``) runs against one external server instead,
+which is flushed only with ``--redis-allow-flush`` (``ARP_TEST_ALLOW_FLUSH=1``).
+"""
 
 from __future__ import annotations
 

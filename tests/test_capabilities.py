@@ -37,8 +37,9 @@ async def test_capabilities_match_the_server(
 
 
 async def test_set_ifeq_probe_writes_nothing(redis_client: Redis) -> None:
+    before = await redis_client.dbsize()  # an external server may hold keys of its own
     await server_info(redis_client)
-    assert await redis_client.dbsize() == 0
+    assert await redis_client.dbsize() == before
 
 
 @pytest.mark.cluster

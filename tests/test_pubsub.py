@@ -205,7 +205,7 @@ async def test_unanswered_health_check_reconnects_and_reports_a_gap(redis_client
 def own_server(redis_server: Any) -> Any:
     """A server of the current matrix kind that this test may kill and restart."""
     if not redis_server.owned:
-        pytest.skip("needs a server binary (not REDIS_URL)")
+        pytest.skip("needs a server binary (not an external server: --redis-url)")
     server = RedisServer(redis_server.binary, name=f"{redis_server.name}-own").start()
     try:
         yield server
