@@ -166,6 +166,8 @@ class SlotRouter:
         self._refreshing: anyio.Event | None = None
         self._use_shards = True
         self._closed = False
+        # Nodes whose connection failed lately: asked for the map last.
+        self._suspects: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------------ nodes
 
@@ -251,6 +253,7 @@ class SlotRouter:
         known = [name.rpartition(":") for name in self._primaries]
         candidates = [(host, int(port)) for host, _, port in known] + self._seeds
         random.shuffle(candidates)
+        candidates.sort(key=lambda node: node in self._suspects)  # stable: healthy first
         errors: list[str] = []
         seen: set[tuple[str, int]] = set()
         for host, port in candidates:
@@ -266,6 +269,7 @@ class SlotRouter:
                     continue
                 if owners:
                     self._install(owners)
+                    self._suspects.clear()
                     return
                 errors.append(f"{host}:{port}: serves no slots yet")
                 continue
@@ -352,6 +356,8 @@ class SlotRouter:
                     # OSError covers our ConnectionFailed / CommandTimeout too. The node
                     # may have failed over: re-read the map before the next call.
                     self._stale = True
+                    kwargs = node.connection_pool.connection_kwargs
+                    self._suspects.add((kwargs["host"], int(kwargs["port"])))
                 raise
 
     async def close(self) -> None:
