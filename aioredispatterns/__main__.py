@@ -1,4 +1,4 @@
-"""``python -m aioredispatterns bench | info``."""
+"""``python -m aioredispatterns bench | info | --version``."""
 
 from __future__ import annotations
 
@@ -8,30 +8,57 @@ from pathlib import Path
 
 import anyio
 
+from . import __version__
 from .errors import RedisPatternsError
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,64, got {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aioredispatterns")
+    parser.add_argument("--version", action="version", version=f"aioredispatterns {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     bench = commands.add_parser(
         "bench",
         help="benchmark the library against raw redis-py and its competitors",
-        description="Without --url an embedded Valkey (the 'server' extra) is started; "
-        "a server already listening on 6379 is never used silently.",
+        description="Runs the built-in scenarios (or those of --scenarios DIR) in interleaved "
+        "rounds and prints medians, ratios to each group's baseline and latencies. Without "
+        "--url an embedded Valkey (the 'server' extra) is started; a server already "
+        "listening on 6379 is never used silently.",
     )
     bench.add_argument("--url", help="measure this server instead of an embedded one")
-    bench.add_argument("--duration", type=float, default=20.0, help="seconds in all (20)")
+    bench.add_argument(
+        "--duration",
+        type=float,
+        default=60.0,
+        help="seconds for the whole run, setups included (60)",
+    )
     bench.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
     bench.add_argument(
-        "--concurrency",
-        type=lambda text: [int(part) for part in text.split(",")],
-        help="only these concurrency levels, e.g. 1,64",
+        "--concurrency", type=_levels, help="only these concurrency levels, e.g. 1,64"
     )
-    bench.add_argument("--only", help="only scenarios whose group or name contains this")
-    bench.add_argument("--scenarios", type=Path, help="directory of scenario files")
+    bench.add_argument(
+        "--only",
+        help="only rows whose group or name contains one of these comma-separated words "
+        "(case-insensitive); a group's baseline always comes along",
+    )
+    bench.add_argument(
+        "--scenarios",
+        type=Path,
+        help="run the scenario files of this directory instead of the built-in ones",
+    )
+    bench.add_argument("--list", action="store_true", help="list the rows and exit")
     bench.add_argument("--json", type=Path, help="also write the results to this file")
+    bench.add_argument("--markdown", type=Path, help="also write a markdown report")
+    bench.add_argument(
+        "--plot", type=Path, help="also draw the ratios to this PNG (needs matplotlib)"
+    )
     bench.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")
     bench.add_argument(
         "--reference",
@@ -55,26 +82,38 @@ async def _info(url: str) -> None:
         await client.aclose()
 
 
+def _bench(args: argparse.Namespace) -> None:
+    if args.list:
+        from ._bench.listing import print_rows
+
+        print_rows(args.scenarios, args.only, args.concurrency)
+        return
+    from ._bench.runner import run_bench
+
+    anyio.run(
+        lambda: run_bench(
+            url=args.url,
+            duration=args.duration,
+            rounds=args.rounds,
+            concurrency=args.concurrency,
+            only=args.only,
+            scenario_dir=args.scenarios,
+            json_path=args.json,
+            markdown_path=args.markdown,
+            plot_path=args.plot,
+            reference=args.reference,
+            loop_name="uvloop" if args.uvloop else "asyncio",
+        ),
+        backend_options={"use_uvloop": args.uvloop},
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for a library error)."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "bench":
-            from ._bench import default_scenario_dir, run_bench
-
-            anyio.run(
-                lambda: run_bench(
-                    url=args.url,
-                    duration=args.duration,
-                    rounds=args.rounds,
-                    concurrency=args.concurrency,
-                    only=args.only,
-                    scenario_dir=args.scenarios or default_scenario_dir(),
-                    json_path=args.json,
-                    reference=args.reference,
-                    loop_name="uvloop" if args.uvloop else "asyncio",
-                ),
-                backend_options={"use_uvloop": args.uvloop},
-            )
+            _bench(args)
         else:
             anyio.run(_info, args.url)
     except RedisPatternsError as exc:

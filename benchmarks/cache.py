@@ -1,18 +1,16 @@
-"""Cache hit path: Cache.get_or_load vs raw redis-py GET + deserialize, cashews, aiocache.
-
-Runner rows (``python -m aioredispatterns bench --only "cache hit"``): groups
-"cache hit c1" and "cache hit c64", baseline = redis-py ``GET`` + JSON decode of the
-same value. cashews and aiocache rows appear only when those libraries are importable
-(the ``bench`` extra installs them).
-
-Run as a script, it prints two more tables the runner's ops/s format does not fit:
+"""Cache figures the benchmark runner's table does not fit: stampede and bytes per entry.
 
     python benchmarks/cache.py [--url redis://127.0.0.1:PORT/0] [--callers 1000]
+
+Without ``--url`` it starts a throwaway embedded Valkey (the ``server`` extra). It prints:
 
 * stampede: loader calls for N concurrent cold misses of one key, in 1 process and
   split over 4 processes (counted in Redis), for each library;
 * bytes per entry: ``MEMORY USAGE`` of one 1 KiB value stored by each library vs a plain
   ``SET ... EX`` of the same bytes under a key of the same length.
+
+The hit-path rows (``cache hit c1`` / ``c64``) are built-in scenarios of the runner:
+``python -m aioredispatterns bench --only "cache hit"``.
 """
 
 from __future__ import annotations
@@ -20,20 +18,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import itertools
 import json
 import subprocess
 import sys
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 from redis.asyncio import Redis
 
 from aioredispatterns import connect
-from aioredispatterns._bench import BenchEnv, Operation, Scenario
 from aioredispatterns.cache import Cache
 from aioredispatterns.serializers import default_serializer
 
@@ -50,131 +45,6 @@ async def _close_quietly(cache: Any) -> None:
 
 def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
-
-
-def _pool_size(concurrency: int) -> int:
-    return max(concurrency, 1) + 4
-
-
-def _raw(concurrency: int, keys: int = 1) -> Any:
-    @asynccontextmanager
-    async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
-        client = Redis.from_url(env.url, max_connections=_pool_size(concurrency))
-        names = itertools.cycle([f"{env.prefix}:raw:{KEY}-{i}" for i in range(keys)])
-        serializer = default_serializer()
-        for i in range(keys):
-            await client.set(f"{env.prefix}:raw:{KEY}-{i}", serializer.dumps(VALUE), ex=3600)
-
-        async def operation() -> object:
-            return serializer.loads(await client.get(next(names)))
-
-        try:
-            yield operation
-        finally:
-            await client.aclose()
-
-    return setup
-
-
-async def _never() -> Any:
-    raise AssertionError("hit path benchmark: the loader must not run")
-
-
-def _ours(concurrency: int, keys: int = 1, *, plain_client: bool = False) -> Any:
-    @asynccontextmanager
-    async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
-        if plain_client:  # the client a redis-py user already has (non-blocking pool)
-            client = Redis.from_url(env.url, max_connections=_pool_size(concurrency))
-        else:
-            client = connect(env.url, max_connections=_pool_size(concurrency))
-        names = itertools.cycle([f"{KEY}-{i}" for i in range(keys)])
-        try:
-            async with Cache(client, ttl=3600, prefix=env.prefix) as cache:
-                await cache.set_many({f"{KEY}-{i}": VALUE for i in range(keys)})
-                yield lambda: cache.get_or_load(next(names), _never)
-        finally:
-            await client.aclose()
-
-    return setup
-
-
-def _cashews(concurrency: int) -> Any:
-    @asynccontextmanager
-    async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
-        from cashews import Cache as CashewsCache
-
-        cache = CashewsCache()
-        cache.setup(env.url, max_connections=_pool_size(concurrency))
-
-        @cache(ttl="1h", key=f"{env.prefix}:cashews:{KEY}")
-        async def load() -> Any:
-            return VALUE
-
-        await load()
-        try:
-            yield load
-        finally:
-            await _close_quietly(cache)
-
-    return setup
-
-
-def _aiocache(concurrency: int) -> Any:
-    @asynccontextmanager
-    async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
-        from urllib.parse import urlsplit
-
-        from aiocache import Cache as AiocacheKind
-        from aiocache import cached
-
-        parts = urlsplit(env.url)
-        decorator = cached(
-            ttl=3600,
-            key=f"{env.prefix}:aiocache:{KEY}",
-            cache=AiocacheKind.REDIS,
-            endpoint=parts.hostname,
-            port=parts.port,
-            pool_max_size=_pool_size(concurrency),
-        )
-
-        @decorator
-        async def load() -> Any:
-            return VALUE
-
-        await load()
-        try:
-            yield load
-        finally:
-            await _close_quietly(decorator.cache)
-
-    return setup
-
-
-def scenarios(env: BenchEnv) -> list[Scenario]:
-    rows = []
-    for concurrency in (1, 64):
-        group = f"cache hit c{concurrency}"
-        rows.append(
-            Scenario(group, "redis-py GET + json", concurrency, _raw(concurrency), baseline=True)
-        )
-        rows.append(Scenario(group, "Cache.get_or_load", concurrency, _ours(concurrency)))
-        rows.append(
-            Scenario(
-                group,
-                "Cache.get_or_load, redis-py client",
-                concurrency,
-                _ours(concurrency, plain_client=True),
-            )
-        )
-        if _has("cashews"):
-            rows.append(Scenario(group, "cashews @cache", concurrency, _cashews(concurrency)))
-        if _has("aiocache"):
-            rows.append(Scenario(group, "aiocache @cached", concurrency, _aiocache(concurrency)))
-    # 64 distinct keys: no two concurrent readers share a GET.
-    group = "cache hit c64 64 keys"
-    rows.append(Scenario(group, "redis-py GET + json", 64, _raw(64, 64), baseline=True))
-    rows.append(Scenario(group, "Cache.get_or_load", 64, _ours(64, 64)))
-    return rows
 
 
 # --------------------------------------------------------------------------- stampede table

@@ -1,4 +1,4 @@
-"""Rate-limit decisions per second: our policies vs `limits` vs a raw EVALSHA of the seed script.
+"""Rate-limit decisions per second: our policies vs ``limits`` vs a raw EVALSHA of the seed script.
 
 Every operation decides one request for one of 1,000 identities (round robin), each limited
 to 100 per second, so the load mixes allowed and denied decisions the way a busy API does.
@@ -6,8 +6,8 @@ to 100 per second, so the load mixes allowed and denied decisions the way a busy
 Groups ``ratelimit c1`` / ``ratelimit c64``: the baseline is redis-py running the seed
 document's token-bucket script by EVALSHA with the client's clock (what a user would write
 from the seed); our rows decide on the server's clock through ``connect()``'s client;
-the ``limits`` rows (moving window, fixed window; its default async Redis storage) are
-skipped when ``limits`` is not installed (``pip install 'aioredispatterns[bench]'``).
+the ``limits`` rows (moving window, fixed window; its default async Redis storage) appear
+when ``limits`` is installed (the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -16,14 +16,12 @@ import hashlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import anyio
-from redis.asyncio import Redis
 
-from aioredispatterns._bench import BenchEnv, Operation, Scenario
-from aioredispatterns.ratelimit import (
+from ...ratelimit import (
     GCRA,
     FixedWindow,
     Policy,
@@ -32,6 +30,9 @@ from aioredispatterns.ratelimit import (
     SlidingWindowLog,
     TokenBucket,
 )
+from ..redis_py import redis_py
+from ..scenario import BenchEnv, Operation, Scenario
+from ._optional import has, load
 
 IDENTITIES = 1000
 LIMIT = 100
@@ -66,16 +67,18 @@ POLICIES: dict[str, Policy] = {
     "fixed window": FixedWindow(LIMIT, 1.0),
 }
 
+Setup = Callable[[BenchEnv], AbstractAsyncContextManager[Operation]]
+
 
 def _identities() -> Callable[[], str]:
     counter = itertools.cycle([f"user{i}" for i in range(IDENTITIES)])
     return lambda: next(counter)
 
 
-def _seed_script(concurrency: int) -> Any:
+def _seed_script(concurrency: int) -> Setup:
     @asynccontextmanager
     async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
-        client = Redis.from_url(env.url, max_connections=concurrency + 4)
+        client = redis_py(env.url, concurrency)
         sha = hashlib.sha1(SEED_TOKEN_BUCKET).hexdigest()
         await client.script_load(SEED_TOKEN_BUCKET)
         identity = _identities()
@@ -93,15 +96,13 @@ def _seed_script(concurrency: int) -> Any:
     return setup
 
 
-def _ours(policy: Policy, concurrency: int, plain: bool = False) -> Any:
+def _ours(policy: Policy, concurrency: int, plain: bool = False) -> Setup:
     @asynccontextmanager
     async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
         # connect()'s client (bounded blocking pool, socket timeouts, retries) by default;
         # `plain`: the same redis-py client the baseline uses, to show the limiter's own cost.
         client: Any = (
-            Redis.from_url(env.url, max_connections=concurrency + 4)
-            if plain
-            else env.client(max_connections=concurrency + 4)
+            redis_py(env.url, concurrency) if plain else env.client(max_connections=concurrency + 4)
         )
         limiter = RateLimiter(client, policy, name="bench", prefix=env.prefix)
         identity = _identities()
@@ -113,20 +114,25 @@ def _ours(policy: Policy, concurrency: int, plain: bool = False) -> Any:
     return setup
 
 
-def _limits(strategy: str) -> Any:
+def _limits(strategy: str) -> Setup:
     @asynccontextmanager
     async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
-        from limits import RateLimitItemPerSecond
-        from limits.aio.storage import RedisStorage
-        from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
-
-        storage = RedisStorage(env.url.replace("redis://", "async+redis://", 1))
-        kind = MovingWindowRateLimiter if strategy == "moving" else FixedWindowRateLimiter
+        limits = load("limits")
+        storage = load("limits.aio.storage").RedisStorage(
+            env.url.replace("redis://", "async+redis://", 1)
+        )
+        strategies = load("limits.aio.strategies")
+        kind = (
+            strategies.MovingWindowRateLimiter
+            if strategy == "moving"
+            else strategies.FixedWindowRateLimiter
+        )
         limiter = kind(storage)
-        item = RateLimitItemPerSecond(LIMIT)
+        item = limits.RateLimitItemPerSecond(LIMIT)
         identity = _identities()
+        namespace = f"{env.prefix}:limits-{strategy}"
         try:
-            yield lambda: limiter.hit(item, f"{env.prefix}:limits-{strategy}", identity())
+            yield lambda: limiter.hit(item, namespace, identity())
         finally:
             # limits has no close(); disconnect its client's pool so no socket leaks.
             client = getattr(getattr(storage, "bridge", None), "storage", None)
@@ -138,39 +144,28 @@ def _limits(strategy: str) -> Any:
     return setup
 
 
-def _have_limits() -> bool:
-    try:
-        import coredis  # noqa: F401  (the default async Redis storage of limits)
-        import limits.aio.storage  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def scenarios(env: BenchEnv) -> list[Scenario]:
+    """Decisions per second at c1 and c64: every policy, limits, the seed script."""
     rows: list[Scenario] = []
     for concurrency in (1, 64):
         group = f"ratelimit c{concurrency}"
         rows.append(
-            Scenario(
-                group,
-                "redis-py EVALSHA seed token bucket",
-                concurrency,
-                _seed_script(concurrency),
-                baseline=True,
-            )
-        )
+            Scenario(group, "redis-py EVALSHA seed token bucket", concurrency,
+                     _seed_script(concurrency), baseline=True, unit="decisions")
+        )  # fmt: skip
         for name, policy in POLICIES.items():
-            rows.append(Scenario(group, f"arp {name}", concurrency, _ours(policy, concurrency)))
+            rows.append(
+                Scenario(group, f"arp {name}", concurrency, _ours(policy, concurrency),
+                         unit="decisions")
+            )  # fmt: skip
         rows.append(
-            Scenario(
-                group,
-                "arp token bucket, plain redis-py client",
-                concurrency,
-                _ours(POLICIES["token bucket"], concurrency, plain=True),
-            )
-        )
-        if _have_limits():
-            rows.append(Scenario(group, "limits moving window", concurrency, _limits("moving")))
-            rows.append(Scenario(group, "limits fixed window", concurrency, _limits("fixed")))
+            Scenario(group, "arp token bucket, plain redis-py client", concurrency,
+                     _ours(POLICIES["token bucket"], concurrency, plain=True), unit="decisions")
+        )  # fmt: skip
+        if has("limits") and has("coredis"):  # coredis: limits' default async Redis storage
+            for strategy, label in (("moving", "moving window"), ("fixed", "fixed window")):
+                rows.append(
+                    Scenario(group, f"limits {label}", concurrency, _limits(strategy),
+                             unit="decisions", role="competitor")
+                )  # fmt: skip
     return rows

@@ -7,37 +7,38 @@
 * ``lock contended 16 waiters``: 16 tasks acquire + release one lock; an op ends when its
   task took the lock from another task, so ops/s is hand-offs between tasks per second
   (re-taking one's own lock, which an unfair lock does while its waiters sleep, does not
-  count) and an op's latency is a task's wait for its next turn. The critical section is
-  empty, which flatters polling: a burst of pollers can pass an empty section along.
-  ``..., 1 ms held`` does 1 ms of work (a sleep) inside, as real critical sections do.
+  count). The critical section is empty, which flatters polling: a burst of pollers can
+  pass an empty section along. ``..., 1 ms held`` does 1 ms of work (a sleep) inside.
 * ``lock hand-off``: one holder releases while one waiter is blocked (2 ms after it
-  started waiting); each op is one such cycle. The release-to-acquired latency of every
-  hand-off is printed after the run (p50/p99), since an op also holds the 2 ms.
+  started waiting); each op is one such cycle, and its latency (p50/p99) is the time from
+  the release to the waiter holding the lock.
 
-redis-py's Lock polls every ``sleep`` seconds (0.1 s by default) while it waits.
+redis-py's Lock polls every ``sleep`` seconds (0.1 s by default) while it waits, so its
+contended rows complete few operations per second: they get a longer window
+(``min_seconds``). Each redis-py row uses a lock name of its own per slice: a call
+cancelled at the end of a slice may leave its key held until the 10 s timeout.
 """
 
 from __future__ import annotations
 
-import statistics
+import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import anyio
 
-from aioredispatterns import Lock
-from aioredispatterns._bench import BenchEnv, Operation, Scenario
-from aioredispatterns.lock import _RELEASE
-
-try:
-    from redis.asyncio import Redis
-    from redis.asyncio.lock import Lock as RedisPyLock
-except ImportError:  # pragma: no cover - redis-py is a dependency, but stay graceful
-    RedisPyLock = None
+from ...lock import _RELEASE, Lock
+from ..redis_py import Redis, RedisPyLock, redis_py
+from ..scenario import BenchEnv, Measured, Operation, Scenario
 
 WAITERS = 16
+# redis-py's rows complete ~10-50 hand-offs per second (~2 when the holder keeps working:
+# its unfair lock lets the holder take it straight back), so they get longer windows.
+SLOW_ROW_SECONDS = 0.4
+STARVED_ROW_SECONDS = 1.0
 # The acquire script without the fencing counter, for the cost of the token.
 _NO_FENCE = """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -46,9 +47,11 @@ end
 return {1, 0}
 """
 
+Setup = Callable[[BenchEnv], AbstractAsyncContextManager[Operation]]
 
-def _redis_py(env: BenchEnv) -> Any:
-    return Redis.from_url(env.url, max_connections=WAITERS + 8)
+
+def _unique(env: BenchEnv, what: str) -> str:
+    return f"{env.prefix}:{what}:{uuid.uuid4().hex[:8]}"
 
 
 @asynccontextmanager
@@ -66,14 +69,12 @@ async def _ours_hold(env: BenchEnv) -> AsyncIterator[Operation]:
         await client.aclose()
 
 
-def _ours_acquire(
-    plain_client: bool,
-) -> Callable[[BenchEnv], AbstractAsyncContextManager[Operation]]:
+def _ours_acquire(plain_client: bool) -> Setup:
     @asynccontextmanager
     async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
-        # plain_client: the same client redis-py's row uses, to separate our lock from
+        # plain_client: the client redis-py's row uses, to separate our lock from
         # connect()'s pool.
-        client = _redis_py(env) if plain_client else env.client()
+        client: Any = redis_py(env.url, WAITERS) if plain_client else env.client()
         name = "bench-uncontended-plain" if plain_client else "bench-uncontended"
         lock = Lock(client, name, prefix=env.prefix)
 
@@ -108,10 +109,15 @@ async def _ours_no_fence(env: BenchEnv) -> AsyncIterator[Operation]:
         await client.aclose()
 
 
+def _redis_py_lock(client: Redis, name: str) -> RedisPyLock:
+    # One Lock object per acquisition: redis-py keeps the token on the object.
+    return RedisPyLock(client, name, timeout=10, sleep=0.1, thread_local=False)
+
+
 @asynccontextmanager
 async def _redis_py_uncontended(env: BenchEnv) -> AsyncIterator[Operation]:
-    client = _redis_py(env)
-    lock = RedisPyLock(client, f"{env.prefix}:rp-uncontended", timeout=10, thread_local=False)
+    client = redis_py(env.url, WAITERS)
+    lock = _redis_py_lock(client, _unique(env, "rp-uncontended"))
 
     async def op() -> None:
         await lock.acquire()
@@ -153,7 +159,7 @@ class _Holder:
             self.inside -= 1
 
 
-def _ours_contended(hold: float) -> Any:
+def _ours_contended(hold: float) -> Setup:
     @asynccontextmanager
     async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
         client = env.client(max_connections=WAITERS + 8)
@@ -171,19 +177,15 @@ def _ours_contended(hold: float) -> Any:
     return setup
 
 
-def _redis_py_contended(hold: float) -> Any:
+def _redis_py_contended(hold: float) -> Setup:
     @asynccontextmanager
     async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
-        client = _redis_py(env)
-        name = f"{env.prefix}:rp-contended-{hold}"
+        client = redis_py(env.url, WAITERS)
+        name = _unique(env, "rp-contended")
         holder = _Holder()
 
-        def new_lock() -> RedisPyLock:
-            # One Lock object per acquisition: redis-py keeps the token on the object.
-            return RedisPyLock(client, name, timeout=10, sleep=0.1, thread_local=False)
-
         async def op() -> None:
-            await holder.hand_off(new_lock, hold)
+            await holder.hand_off(lambda: _redis_py_lock(client, name), hold)
 
         try:
             yield op
@@ -193,107 +195,103 @@ def _redis_py_contended(hold: float) -> Any:
     return setup
 
 
+Acquire = Callable[[], Awaitable[Any]]
+
+
 def _handoff(
-    label: str,
-    make: Callable[[Any, BenchEnv], tuple[Callable[[], Awaitable[Any]], Any]],
-    client_of: Callable[[BenchEnv], Any],
-) -> Any:
+    make: Callable[[Any, BenchEnv], Acquire], client_of: Callable[[BenchEnv], Any]
+) -> Setup:
     """One hand-off per op: the holder releases while a waiter is blocked."""
 
     @asynccontextmanager
     async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
         client = client_of(env)
-        acquire, _ = make(client, env)
-        samples: list[float] = []
-        held = await acquire()
+        acquire = make(client, env)
+        held: list[Any] = [await acquire()]
 
-        async def op() -> None:
-            nonlocal held
-            acquired_at = 0.0
-            lease: Any = None
+        async def op() -> Measured:
+            acquired_at = released_at = 0.0
+            taken: list[Any] = []
 
             async def waiter() -> None:
-                nonlocal acquired_at, lease
-                lease = await acquire()
+                nonlocal acquired_at
+                taken.append(await acquire())
                 acquired_at = time.perf_counter()
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(waiter)
                 await anyio.sleep(0.002)  # the waiter is blocked by now
                 released_at = time.perf_counter()
-                await held.release()
-            samples.append(acquired_at - released_at)
-            held = lease
+                await held.pop().release()
+            held.append(taken[0])
+            return Measured(acquired_at - released_at)
 
         try:
             yield op
         finally:
-            await held.release()
+            # A cycle cancelled at the end of the slice may have released already.
+            with contextlib.suppress(Exception):
+                for lease in held:
+                    await lease.release()
             await client.aclose()
-            if samples:
-                ordered = sorted(samples)
-                p50 = statistics.median(ordered) * 1e3
-                p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e3
-                print(
-                    f"  hand-off latency, {label}: p50 {p50:.3f} ms, p99 {p99:.3f} ms "
-                    f"({len(ordered)} hand-offs)"
-                )
 
     return setup
 
 
-def _ours_handoff(client: Any, env: BenchEnv) -> tuple[Callable[[], Awaitable[Any]], Any]:
-    lock = Lock(client, "bench-handoff", prefix=env.prefix)
-    return lock.acquire, lock
+def _ours_handoff(client: Any, env: BenchEnv) -> Acquire:
+    return Lock(client, "bench-handoff", prefix=env.prefix).acquire
 
 
-def _redis_py_handoff(client: Any, env: BenchEnv) -> tuple[Callable[[], Awaitable[Any]], Any]:
-    name = f"{env.prefix}:rp-handoff"
+def _redis_py_handoff(client: Any, env: BenchEnv) -> Acquire:
+    name = _unique(env, "rp-handoff")
 
     async def acquire() -> Any:
-        lock = RedisPyLock(client, name, timeout=10, sleep=0.1, thread_local=False)
+        lock = _redis_py_lock(client, name)
         await lock.acquire()
         return lock
 
-    return acquire, None
+    return acquire
+
+
+def _redis_py_baseline(
+    group: str, concurrency: int, setup: Setup, seconds: float = SLOW_ROW_SECONDS
+) -> Scenario:
+    return Scenario(
+        group,
+        "redis-py asyncio Lock",
+        concurrency,
+        setup,
+        baseline=True,
+        unit="hand-offs",
+        min_seconds=seconds,
+    )
+
+
+def _redis_py_client(env: BenchEnv) -> Redis:
+    return redis_py(env.url, 8)
+
+
+def _ours_client(env: BenchEnv) -> Any:
+    return env.client(max_connections=8)
 
 
 def scenarios(env: BenchEnv) -> list[Scenario]:
-    rows: list[Scenario] = []
+    """Uncontended, 16 waiters (empty and 1 ms critical section), one hand-off at a time."""
     uncontended = "lock uncontended c1"
     contended = f"lock contended {WAITERS} waiters"
     working = f"lock contended {WAITERS} waiters, 1 ms held"
     handoff = "lock hand-off"
-    if RedisPyLock is not None:
-        rows += [
-            Scenario(uncontended, "redis-py asyncio Lock", 1, _redis_py_uncontended, True),
-            Scenario(contended, "redis-py asyncio Lock", WAITERS, _redis_py_contended(0.0), True),
-            Scenario(working, "redis-py asyncio Lock", WAITERS, _redis_py_contended(0.001), True),
-            Scenario(
-                handoff,
-                "redis-py asyncio Lock",
-                1,
-                _handoff("redis-py", _redis_py_handoff, _redis_py),
-                True,
-            ),
-        ]
-    rows += [
+    return [
+        Scenario(uncontended, "redis-py asyncio Lock", 1, _redis_py_uncontended, True),
         Scenario(uncontended, "Lock async with (renewing)", 1, _ours_hold),
         Scenario(uncontended, "Lock acquire()+release()", 1, _ours_acquire(plain_client=False)),
         Scenario(uncontended, "same, no fencing counter", 1, _ours_no_fence),
-        Scenario(
-            uncontended,
-            "Lock acquire()+release(), plain client",
-            1,
-            _ours_acquire(plain_client=True),
-        ),
-        Scenario(contended, "Lock async with", WAITERS, _ours_contended(0.0)),
-        Scenario(working, "Lock async with", WAITERS, _ours_contended(0.001)),
-        Scenario(
-            handoff,
-            "Lock",
-            1,
-            _handoff("ours", _ours_handoff, lambda env: env.client(max_connections=8)),
-        ),
-    ]
-    return rows
+        Scenario(uncontended, "Lock acquire()+release(), plain client", 1,
+                 _ours_acquire(plain_client=True)),
+        _redis_py_baseline(contended, WAITERS, _redis_py_contended(0.0)),
+        Scenario(contended, "Lock async with", WAITERS, _ours_contended(0.0), unit="hand-offs"),
+        _redis_py_baseline(working, WAITERS, _redis_py_contended(0.001), STARVED_ROW_SECONDS),
+        Scenario(working, "Lock async with", WAITERS, _ours_contended(0.001), unit="hand-offs"),
+        _redis_py_baseline(handoff, 1, _handoff(_redis_py_handoff, _redis_py_client)),
+        Scenario(handoff, "Lock", 1, _handoff(_ours_handoff, _ours_client), unit="hand-offs"),
+    ]  # fmt: skip
