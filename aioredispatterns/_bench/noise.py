@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import re
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -37,6 +38,9 @@ class Noise:
         return f"{self.count} x {self.kind} (in: {where})"
 
 
+_ADDRESS = re.compile(r"\b(?:0x)?[0-9a-f]{8,16}\b")
+
+
 class NoiseCollector:
     """Counts noise by kind; ``current`` names the scenario running now."""
 
@@ -45,7 +49,9 @@ class NoiseCollector:
         self.kinds: dict[str, Noise] = {}
 
     def add(self, kind: str, example: str) -> None:
-        """Count one occurrence of ``kind`` in the current scenario."""
+        """Count one occurrence of ``kind`` in the current scenario (object addresses in
+        the kind are blanked, so one leak seen a hundred times is one line)."""
+        kind = _ADDRESS.sub("0x...", kind)
         noise = self.kinds.get(kind)
         if noise is None:
             noise = self.kinds[kind] = Noise(kind, example=example[:_EXAMPLE_CHARS])
