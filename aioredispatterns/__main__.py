@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--url", help="measure this server instead of an embedded one")
     bench.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run the cluster scenarios: on an embedded 3-primary Valkey cluster (and a "
+        "standalone server of the same binary, for comparison), or on --url "
+        "redis+cluster://...",
+    )
+    bench.add_argument(
         "--duration",
         type=float,
         default=60.0,
@@ -102,6 +109,7 @@ def _bench(args: argparse.Namespace) -> None:
             markdown_path=args.markdown,
             plot_path=args.plot,
             reference=args.reference,
+            cluster=args.cluster,
             loop_name="uvloop" if args.uvloop else "asyncio",
         ),
         backend_options={"use_uvloop": args.uvloop},

@@ -149,8 +149,10 @@ def test_a_short_run_writes_json_markdown_and_a_png(tmp_path: Path) -> None:
 
 def test_a_url_run_records_that_server(redis_url: str, tmp_path: Path) -> None:
     out = tmp_path / "out.json"
+    # A redis+cluster:// URL runs the cluster scenarios only.
+    only = "cluster cache" if "+cluster://" in redis_url else "GET pipelined"
     code = _bench(
-        "--url", redis_url, "--only", "GET pipelined", "--duration", "1", "--rounds", "1",
+        "--url", redis_url, "--only", only, "--duration", "1", "--rounds", "1",
         "--json", str(out),
     )  # fmt: skip
     assert code == 0
@@ -158,6 +160,19 @@ def test_a_url_run_records_that_server(redis_url: str, tmp_path: Path) -> None:
     assert payload["metadata"]["server_where"] == "--url"
     assert payload["metadata"]["url"] == redis_url
     assert payload["results"][0]["median_ops_per_second"] > 0
+
+
+def test_a_cluster_run_compares_redis_py_cluster_and_standalone(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    code = _bench("--cluster", "--duration", "4", "--rounds", "1", "--json", str(out))
+    assert code == 0
+    rows = json.loads(out.read_text())["results"]
+    groups = {row["group"] for row in rows}
+    assert groups == {"cluster cache hit c64 64 keys", "cluster ratelimit c64"}
+    names = {row["name"] for row in rows}
+    assert "redis-py RedisCluster GET + json" in names
+    assert "Cache.get_or_load, standalone" in names
+    assert all(row["median_ops_per_second"] > 0 for row in rows)
 
 
 def test_fan_out_reports_deliveries_for_every_row(tmp_path: Path) -> None:

@@ -55,9 +55,12 @@ def directory_modules(directory: Path) -> Modules:
 
 
 def collect(modules: Modules, env: BenchEnv) -> list[tuple[str, Scenario]]:
-    """Every module's ``scenarios(env)`` rows, in module order, with the file's stem."""
+    """Every module's ``scenarios(env)`` rows, in module order, with the file's stem
+    (modules whose ``TOPOLOGIES`` leave out ``env.topology`` are skipped)."""
     found: list[tuple[str, Scenario]] = []
     for stem, module in modules:
+        if env.topology not in getattr(module, "TOPOLOGIES", ("standalone",)):
+            continue
         factory: Callable[[BenchEnv], list[Scenario]] | None = getattr(module, "scenarios", None)
         if callable(factory):
             found.extend((stem, row) for row in factory(env))

@@ -15,6 +15,7 @@ import sys
 import time
 import traceback
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -43,13 +44,24 @@ PLOT_SECONDS = 1.5  # importing matplotlib and drawing
 REFERENCE_SECONDS = 5.0  # redis-benchmark, 2 x 200k requests
 
 
+@dataclass(frozen=True)
+class _Servers:
+    url: str
+    topology: str
+    standalone_url: str | None = None
+
+
 @contextlib.asynccontextmanager
-async def _server(url: str | None) -> AsyncIterator[str]:
-    """``url``, or a throwaway embedded Valkey (never a server already on 6379)."""
+async def _server(url: str | None, cluster: bool = False) -> AsyncIterator[_Servers]:
+    """``url``, or a throwaway embedded Valkey (never a server already on 6379); with
+    ``cluster``, an embedded 3-primary cluster and a standalone server of the same binary."""
     if url:
-        yield url
+        topology = "cluster" if url.split("://", 1)[0].endswith("+cluster") else "standalone"
+        if cluster and topology != "cluster":
+            raise ConfigurationError("--cluster with --url needs a redis+cluster:// URL")
+        yield _Servers(url, topology)
         return
-    from ..testing import RedisServer, ServerNotAvailable, find_server_binary
+    from ..testing import RedisServer, ServerNotAvailable, find_server_binary, start_cluster
 
     try:
         binary = find_server_binary("valkey-9.1")
@@ -60,7 +72,16 @@ async def _server(url: str | None) -> AsyncIterator[str]:
         ) from None
     server = RedisServer(binary, name="embedded-valkey").start()
     try:
-        yield server.url
+        if not cluster:
+            yield _Servers(server.url, "standalone")
+            return
+        servers = await anyio.to_thread.run_sync(
+            lambda: start_cluster(binary, name="embedded-cluster")
+        )
+        try:
+            yield _Servers(servers.url, "cluster", standalone_url=server.url)
+        finally:
+            servers.stop()
     finally:
         server.stop()
 
@@ -171,6 +192,7 @@ async def run_bench(
     markdown_path: Path | None = None,
     plot_path: Path | None = None,
     reference: bool = False,
+    cluster: bool = False,
     loop_name: str = "asyncio",
     out: TextIO | None = None,
     err: TextIO | None = None,
@@ -192,9 +214,15 @@ async def run_bench(
     modules = (
         loader.builtin_modules() if scenario_dir is None else loader.directory_modules(scenario_dir)
     )
-    async with _server(url) as server_url:
+    async with _server(url, cluster) as servers:
+        server_url = servers.url
         info = await _run_info(server_url, url is None, loop_name)
-        env = BenchEnv(url=server_url, server=info.server)
+        env = BenchEnv(
+            url=server_url,
+            server=info.server,
+            topology=servers.topology,
+            standalone_url=servers.standalone_url,
+        )
         scenarios = loader.grouped(loader.select(loader.collect(modules, env), only, concurrency))
         if not scenarios:
             where = "the built-in scenarios" if scenario_dir is None else str(scenario_dir)

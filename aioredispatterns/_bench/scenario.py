@@ -66,11 +66,20 @@ class Scenario:
 
 @dataclass
 class BenchEnv:
-    """What scenarios get: the measured server's URL, its description and a key prefix."""
+    """What scenarios get: the measured server's URL, its description and a key prefix.
+
+    ``topology`` is ``"standalone"`` or ``"cluster"`` (``url`` is then a
+    ``redis+cluster://`` URL); a scenario module runs only on the topologies its
+    ``TOPOLOGIES`` tuple names (``("standalone",)`` when it has none). On a cluster run
+    with embedded servers, ``standalone_url`` is a standalone server of the same binary,
+    for rows that compare the two.
+    """
 
     url: str
     server: str
     prefix: str = "arp-bench"
+    topology: str = "standalone"
+    standalone_url: str | None = None
 
     def client(self, **options: Any) -> Any:
         """A client from :func:`aioredispatterns.connect` on the measured server."""

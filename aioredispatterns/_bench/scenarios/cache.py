@@ -33,7 +33,7 @@ def _pool_size(concurrency: int) -> int:
     return max(concurrency, 1) + 4
 
 
-def _raw(concurrency: int, keys: int = 1) -> Setup:
+def raw(concurrency: int, keys: int = 1) -> Setup:
     @asynccontextmanager
     async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
         client = redis_py(env.url, concurrency)
@@ -62,7 +62,7 @@ async def _never() -> Any:
     raise AssertionError("hit path benchmark: the loader must not run")
 
 
-def _ours(concurrency: int, keys: int = 1, *, plain_client: bool = False) -> Setup:
+def ours(concurrency: int, keys: int = 1, *, plain_client: bool = False) -> Setup:
     @asynccontextmanager
     async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
         # plain_client: the client a redis-py user already has (non-blocking pool).
@@ -128,13 +128,13 @@ def scenarios(env: BenchEnv) -> list[Scenario]:
     for concurrency in (1, 64):
         group = f"cache hit c{concurrency}"
         rows += [
-            Scenario(group, "redis-py GET + json", concurrency, _raw(concurrency), baseline=True),
-            Scenario(group, "Cache.get_or_load", concurrency, _ours(concurrency)),
+            Scenario(group, "redis-py GET + json", concurrency, raw(concurrency), baseline=True),
+            Scenario(group, "Cache.get_or_load", concurrency, ours(concurrency)),
             Scenario(
                 group,
                 "Cache.get_or_load, redis-py client",
                 concurrency,
-                _ours(concurrency, plain_client=True),
+                ours(concurrency, plain_client=True),
             ),
         ]
         if has("cashews"):
@@ -148,6 +148,6 @@ def scenarios(env: BenchEnv) -> list[Scenario]:
                          role="competitor")
             )  # fmt: skip
     group = "cache hit c64 64 keys"
-    rows.append(Scenario(group, "redis-py GET + json", 64, _raw(64, 64), baseline=True))
-    rows.append(Scenario(group, "Cache.get_or_load", 64, _ours(64, 64)))
+    rows.append(Scenario(group, "redis-py GET + json", 64, raw(64, 64), baseline=True))
+    rows.append(Scenario(group, "Cache.get_or_load", 64, ours(64, 64)))
     return rows

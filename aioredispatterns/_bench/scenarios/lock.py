@@ -268,7 +268,8 @@ def _redis_py_baseline(
 
 
 def _redis_py_client(env: BenchEnv) -> Redis:
-    return redis_py(env.url, 8)
+    client: Redis = redis_py(env.url, 8)
+    return client
 
 
 def _ours_client(env: BenchEnv) -> Any:

@@ -75,7 +75,7 @@ def _identities() -> Callable[[], str]:
     return lambda: next(counter)
 
 
-def _seed_script(concurrency: int) -> Setup:
+def seed_script(concurrency: int) -> Setup:
     @asynccontextmanager
     async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
         client = redis_py(env.url, concurrency)
@@ -96,7 +96,7 @@ def _seed_script(concurrency: int) -> Setup:
     return setup
 
 
-def _ours(policy: Policy, concurrency: int, plain: bool = False) -> Setup:
+def ours(policy: Policy, concurrency: int, plain: bool = False) -> Setup:
     @asynccontextmanager
     async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
         # connect()'s client (bounded blocking pool, socket timeouts, retries) by default;
@@ -151,16 +151,16 @@ def scenarios(env: BenchEnv) -> list[Scenario]:
         group = f"ratelimit c{concurrency}"
         rows.append(
             Scenario(group, "redis-py EVALSHA seed token bucket", concurrency,
-                     _seed_script(concurrency), baseline=True, unit="decisions")
+                     seed_script(concurrency), baseline=True, unit="decisions")
         )  # fmt: skip
         for name, policy in POLICIES.items():
             rows.append(
-                Scenario(group, f"arp {name}", concurrency, _ours(policy, concurrency),
+                Scenario(group, f"arp {name}", concurrency, ours(policy, concurrency),
                          unit="decisions")
             )  # fmt: skip
         rows.append(
             Scenario(group, "arp token bucket, plain redis-py client", concurrency,
-                     _ours(POLICIES["token bucket"], concurrency, plain=True), unit="decisions")
+                     ours(POLICIES["token bucket"], concurrency, plain=True), unit="decisions")
         )  # fmt: skip
         if has("limits") and has("coredis"):  # coredis: limits' default async Redis storage
             for strategy, label in (("moving", "moving window"), ("fixed", "fixed window")):
