@@ -17,6 +17,15 @@ from .cache import (
     CacheStats,
     ValueTooLarge,
 )
+from .counters import (
+    Bucket,
+    BucketedCounter,
+    Counter,
+    CounterError,
+    HashCounter,
+    Series,
+    UniqueCounter,
+)
 from .errors import (
     ClusterUnavailable,
     CommandError,
@@ -93,6 +102,8 @@ __version__ = "0.1.0.dev0"
 
 __all__ = (
     "Broadcast",
+    "Bucket",
+    "BucketedCounter",
     "BufferPolicy",
     "Cache",
     "CacheClosed",
@@ -107,6 +118,8 @@ __all__ = (
     "ConnectionFailed",
     "ConsumerGroup",
     "ConsumerPolicy",
+    "Counter",
+    "CounterError",
     "DeadLetter",
     "FencedValue",
     "FixedWindow",
@@ -114,6 +127,7 @@ __all__ = (
     "Gap",
     "GroupInfo",
     "GroupStats",
+    "HashCounter",
     "InvalidKeyError",
     "JsonSerializer",
     "Lease",
@@ -144,6 +158,7 @@ __all__ = (
     "Semaphore",
     "SerializationError",
     "Serializer",
+    "Series",
     "ServerInfo",
     "SlidingWindowCounter",
     "SlidingWindowLog",
@@ -154,6 +169,7 @@ __all__ = (
     "Subscription",
     "SubscriptionStats",
     "TokenBucket",
+    "UniqueCounter",
     "UnsupportedServerError",
     "ValueTooLarge",
     "__version__",

@@ -40,6 +40,7 @@ EXPECTED_OUTPUT = {
     "rate-limiting": "request 6: allowed=False",
     "streams-a-worker-pool-on-a-consumer-group": "processed=100",
     "pub-sub": "user:7 signed in",
+    "counters-and-unique-counts": "views in the last hour: 5",
     "serializers": "refused before anything was written",
     "connections": "talking to valkey 9.1",
     "least-privilege-acls": "commands denied to readme-app: 0",
