@@ -39,6 +39,19 @@ from .errors import (
     SerializationError,
     UnsupportedServerError,
 )
+from .geo import (
+    GeoError,
+    GeoIndex,
+    GeoMatch,
+    GeoPoint,
+    InvalidCoordinates,
+    UnknownPlace,
+)
+from .leaderboard import (
+    Leaderboard,
+    LeaderboardEntry,
+    LeaderboardStats,
+)
 from .lock import (
     FencedValue,
     Lease,
@@ -125,11 +138,19 @@ __all__ = (
     "FixedWindow",
     "GCRA",
     "Gap",
+    "GeoError",
+    "GeoIndex",
+    "GeoMatch",
+    "GeoPoint",
     "GroupInfo",
     "GroupStats",
     "HashCounter",
+    "InvalidCoordinates",
     "InvalidKeyError",
     "JsonSerializer",
+    "Leaderboard",
+    "LeaderboardEntry",
+    "LeaderboardStats",
     "Lease",
     "LimiterStats",
     "Lock",
@@ -170,6 +191,7 @@ __all__ = (
     "SubscriptionStats",
     "TokenBucket",
     "UniqueCounter",
+    "UnknownPlace",
     "UnsupportedServerError",
     "ValueTooLarge",
     "__version__",

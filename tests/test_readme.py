@@ -41,6 +41,8 @@ EXPECTED_OUTPUT = {
     "streams-a-worker-pool-on-a-consumer-group": "processed=100",
     "pub-sub": "user:7 signed in",
     "counters-and-unique-counts": "views in the last hour: 5",
+    "leaderboards": "#2 dave 8420",
+    "geo": "louvre to versailles: 17.1 km",
     "serializers": "refused before anything was written",
     "connections": "talking to valkey 9.1",
     "least-privilege-acls": "commands denied to readme-app: 0",
