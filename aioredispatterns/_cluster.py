@@ -343,13 +343,14 @@ class SlotRouter:
                         self._stale = True
                     if backoff is None:
                         backoff = Backoff(base=0.02, cap=0.25)
-                    delay = backoff.next_delay()
-                    if time.monotonic() + delay > give_up:
+                    left = give_up - time.monotonic()
+                    if left <= 0:
                         raise ClusterUnavailable(
                             f"the cluster could not serve the command in time: {raw}"
                         ) from raw
-                    await anyio.sleep(delay)
+                    await anyio.sleep(min(backoff.next_delay(), left))  # last try at the end
                     asking = False
+                    redirects = 0  # a migration may ASK, then TRYAGAIN, many times over
                     node = await self.node_for(key)
                     continue
                 if isinstance(raw, rex.ConnectionError | rex.TimeoutError | OSError):
@@ -367,4 +368,3 @@ class SlotRouter:
         with anyio.CancelScope(shield=True):
             for client in nodes:
                 await client.aclose()
-

@@ -936,10 +936,12 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
             blob, px = encoded
             self._reads.pop(ks.base, None)
             try:
+                # Without a lease the script touches the entry only: declaring absent
+                # lease / wake keys would make a cluster refuse it (TRYAGAIN) while the
+                # slot migrates.
+                keys = [ks.base, ks.key("lease"), ks.key("wake")] if token else [ks.base]
                 written = await _FILL.run(
-                    self._client,
-                    [ks.base, ks.key("lease"), ks.key("wake")],
-                    [seen, blob, px, token, self._lease_ms()],
+                    self._client, keys, [seen, blob, px, token, self._lease_ms()]
                 )
             except RedisPatternsError:
                 # The value is good; only caching it failed. Callers get it, the next

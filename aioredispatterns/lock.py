@@ -72,6 +72,7 @@ from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, keyspace
 from ._scripts import Script
 from ._validate import check_count, check_flag, check_seconds
 from .errors import (
+    ClusterUnavailable,
     CommandError,
     CommandTimeout,
     ConfigurationError,
@@ -392,6 +393,8 @@ class _LeaseManager(abc.ABC):
             sent = anyio.current_time()
             try:
                 token, hint = await self._try_acquire(owner)
+            except ClusterUnavailable:
+                raise  # the cluster refused the script: it did not run, nothing to undo
             except BaseException:
                 # The script may have run and only its reply been lost: undo it so a
                 # cancelled or failed acquire never holds the lock until the TTL.
