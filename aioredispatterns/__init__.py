@@ -5,9 +5,17 @@ underscore is private.
 """
 
 from ._capabilities import ServerInfo, server_info
+from ._client import (
+    AutoPipelinedRedis,
+    AutoPipelinedRedisCluster,
+)
 from ._commands import pipeline_stats
 from ._connection import connect
 from ._pipeline import PipelineStats
+from ._tracing import (
+    instrument,
+    uninstrument,
+)
 from .cache import (
     Cache,
     CacheClosed,
@@ -114,6 +122,8 @@ from .streams import (
 __version__ = "0.1.0.dev0"
 
 __all__ = (
+    "AutoPipelinedRedis",
+    "AutoPipelinedRedisCluster",
     "Broadcast",
     "Bucket",
     "BucketedCounter",
@@ -198,8 +208,10 @@ __all__ = (
     "connect",
     "fenced_get",
     "fenced_set",
+    "instrument",
     "pipeline_stats",
     "publish",
     "server_info",
     "subscribe",
+    "uninstrument",
 )

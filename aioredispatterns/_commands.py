@@ -27,7 +27,7 @@ Capability detection (``_capabilities``) is built on :func:`execute`.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -131,7 +131,7 @@ def _pipeline_of(client: AnyRedis) -> AutoPipeline | None:
     return pipeline
 
 
-async def execute(client: AnyRedis, *args: Arg, **options: Any) -> Any:
+def execute(client: AnyRedis, *args: Arg, **options: Any) -> Coroutine[Any, Any, Any]:
     """Run one command and return the parsed reply (redis-py's response callbacks).
 
     Raises:
@@ -143,14 +143,19 @@ async def execute(client: AnyRedis, *args: Arg, **options: Any) -> Any:
 
     Cancellation: a cancelled caller's reply is discarded; the connection stays usable.
     """
-    # The hot path of every primitive: a plain try/except is cheaper than a context
-    # manager per command.
+    # The hot path of every primitive: on a standalone client the auto-pipeline runs the
+    # command and translates its errors itself, with no coroutine of ours around it.
+    if not is_cluster(client):
+        pipeline = _pipeline_of(client)
+        if pipeline is not None:
+            return pipeline.execute_translated(args, options)
+    return _execute(client, args, options)
+
+
+async def _execute(client: AnyRedis, args: Sequence[Arg], options: dict[str, Any]) -> Any:
     try:
         if is_cluster(client):
             return await _routed(client, args, options)  # type: ignore[arg-type]
-        pipeline = _pipeline_of(client)
-        if pipeline is not None:
-            return await pipeline.execute(*args, **options)
         return await _execute_direct(client, args, options)  # type: ignore[arg-type]
     except Exception as exc:
         reraise(exc)

@@ -7,7 +7,8 @@ and dies with the client, and two clients never share it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 AnyRedis: TypeAlias = "Redis | RedisCluster"
 
-_ATTR = "_aioredispatterns_state"
+_ATTR = STATE_ATTRIBUTE = "_aioredispatterns_state"
 
 
 class ClientState:
@@ -98,7 +99,16 @@ def is_client(value: object) -> bool:
 
 
 def is_cluster(client: AnyRedis) -> bool:
-    return isinstance(client, RedisCluster)
+    """Whether ``client`` is a cluster client (on every command: cached per class, since
+    redis-py's ``RedisCluster`` is a Protocol and ``isinstance`` on it is slow)."""
+    kind = client.__class__
+    found = _IS_CLUSTER.get(kind)
+    if found is None:
+        found = _IS_CLUSTER[kind] = issubclass(kind, RedisCluster)
+    return found
+
+
+_IS_CLUSTER: dict[type, bool] = {}
 
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -210,12 +220,18 @@ def connect(
             its own commands that may have reached the server, unless it is idempotent
             (a batch of reads, say). Commands you send yourself through the returned
             redis-py client follow redis-py's rule: they are retried this many times after
-            a connection error, so such a command may run twice (at least once).
+            a connection error, so such a command may run twice (at least once); this
+            holds for the auto-pipelined ones too.
         health_check_interval: idle seconds after which a connection is PINGed before use.
         protocol: 2 (RESP2, default) or 3 (RESP3).
         username, password: ACL credentials (they may also be in the URL).
-        auto_pipeline: batch the library's short commands issued in one event-loop
-            iteration into one round trip (see README).
+        auto_pipeline: batch the short commands issued in one event-loop iteration
+            into one round trip (see README): the library's and your own
+            (``await client.get(key)``). The client is then an
+            :class:`~aioredispatterns.AutoPipelinedRedis` (a ``redis.asyncio.Redis``
+            subclass), or on a cluster an :class:`~aioredispatterns.AutoPipelinedRedisCluster`
+            (a ``RedisCluster`` subclass whose single-key commands ride the auto-pipeline
+            of their key's node). ``False``: plain redis-py clients for your commands.
         **redis_options: passed through to redis-py (e.g. ``ssl_ca_certs``). No
             ``CLIENT SETINFO`` is sent on connect (it is denied under least-privilege
             ACLs on Redis 6.2); pass ``driver_info=redis.DriverInfo(...)`` to send it.
@@ -283,7 +299,7 @@ def connect(
     client: Redis | RedisCluster
     try:
         if use_cluster:
-            client = ClusterClient.from_url(
+            client = _cluster_class(auto_pipeline).from_url(
                 url, max_connections=max_connections, retry=retry, **options
             )
             node_options = _node_options(client, timeout=pool_timeout, retry=retry)
@@ -291,8 +307,9 @@ def connect(
             pool = BlockingConnectionPool.from_url(
                 url, max_connections=max_connections, timeout=pool_timeout, retry=retry, **options
             )
-            # from_pool: closing the client closes the pool it owns.
-            client = Redis.from_pool(pool)
+            # from_pool: closing the client closes the pool it owns. With the
+            # auto-pipeline on, the user's own short commands ride it too (_client).
+            client = _standalone_class(auto_pipeline).from_pool(pool)
     except (ValueError, TypeError) as exc:
         # redis-py parses the URL and options here (a port out of range, a bad query).
         raise ConfigurationError(f"cannot build a client for {url!r}: {exc}") from None
@@ -312,6 +329,22 @@ def connect(
 
         set_state(client, node_factory=node_client)
     return client
+
+
+def _cluster_class(auto_pipeline: bool) -> type[ClusterClient]:
+    if not auto_pipeline:
+        return ClusterClient
+    from ._client import AutoPipelinedRedisCluster  # it imports the pipeline, which imports us
+
+    return AutoPipelinedRedisCluster
+
+
+def _standalone_class(auto_pipeline: bool) -> type[Redis]:
+    if not auto_pipeline:
+        return Redis
+    from ._client import AutoPipelinedRedis  # it imports the pipeline, which imports us
+
+    return AutoPipelinedRedis
 
 
 # What a cluster client's connection options hold that a node's pool must not get.
@@ -353,19 +386,44 @@ def node_factory_of(cluster: RedisCluster) -> Callable[[str, int], Redis]:
 
 
 class ClusterClient(RedisCluster):
-    """redis-py's ``RedisCluster`` for your own commands; :func:`connect` returns it.
+    """redis-py's ``RedisCluster`` for your own commands; :func:`connect` returns it with
+    ``auto_pipeline=False`` (by default its subclass ``AutoPipelinedRedisCluster``).
 
     The library's commands go through its slot router instead (``_cluster``), whose
     per-node pools are closed with the client.
     """
 
+    def execute_command(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        """redis-py's ``execute_command``, remembering (for :meth:`aclose`) that redis-py
+        is running a command."""
+        return self._redis_py_command(*args, **kwargs)
+
+    async def _redis_py_command(self, *args: Any, **kwargs: Any) -> Any:
+        inside = _INSIDE_REDIS_PY.set(True)
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            _INSIDE_REDIS_PY.reset(inside)
+
     async def aclose(self) -> None:
+        """Close the client and the slot router's node pools (a later command of the
+        library's opens a new router, as redis-py reconnects a client used again).
+
+        redis-py also calls this itself, in the middle of a command, to reset its view of
+        the cluster (CLUSTERDOWN, a node's pool full, every ``reinitialize_steps`` MOVED):
+        that resets redis-py's nodes only, and the library's traffic goes on.
+        """
         state: ClientState | None = self.__dict__.get(_ATTR)
         try:
-            if state is not None and state.router is not None:
-                await state.router.close()
+            if state is not None and state.router is not None and not _INSIDE_REDIS_PY.get():
+                router, state.router = state.router, None
+                await router.close()
         finally:
             await super().aclose()
+
+
+# True while redis-py runs a command of a ClusterClient (see ClusterClient.aclose).
+_INSIDE_REDIS_PY: ContextVar[bool] = ContextVar("arp_inside_redis_py_cluster", default=False)
 
 
 class _JitterBackoff(AbstractBackoff):

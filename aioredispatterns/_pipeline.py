@@ -7,14 +7,15 @@ One connection, taken from the client's pool and kept, carries all auto-pipeline
 as a true pipeline: batches are written back to back without waiting for earlier replies,
 and replies are read in order (the server answers one connection in order).
 
-* ``execute()`` packs the command (redis-py's encoder), queues it and waits on a future.
+* ``prepare()`` packs the command (redis-py's encoder) in the caller, so an argument that
+  cannot be encoded fails that caller alone; ``run()`` queues it and waits on a future.
 * The first caller of an iteration becomes the *writer*. If replies are outstanding
   (the connection is busy), it yields once so that every coroutine runnable in this
   iteration can queue its command, then writes the whole queue in one write (chunks of
   at most ``max_batch`` commands and ``max_batch_bytes`` bytes). On an idle connection
   it writes at once: with nothing in flight there is little concurrency to wait for, and
   the callers arriving meanwhile gather behind it.
-* Writes go straight to the connection's stream, waiting (up to the socket timeout)
+* Writes go straight to the connection's socket, waiting (up to the socket timeout)
   only when the socket pushes back: redis-py's ``send_packed_command`` would run each
   write as a task under ``asyncio.wait_for`` (see ``_transport``).
 * While the writer waits for its iteration to end, the caller that makes the queue
@@ -24,9 +25,15 @@ and replies are read in order (the server answers one connection in order).
   real work between commands, client and server work overlap instead of taking turns.
   Only a connection known to be open is written to this way; otherwise the writer's
   checked path (which replaces a connection the server closed) takes the commands.
-* Replies are read by one *reader* at a time: the writer when nobody is reading, else the
-  reader hands the role to the oldest caller still waiting. The reader reads replies in
-  order and resolves each caller's future; a reply whose caller is gone is discarded.
+* Replies, when the connection parses with hiredis (the ``hiredis`` extra), are read by
+  the socket's own callback (``_wire.Wire``): each chunk that arrives is parsed and every
+  complete reply resolves its caller's future at once, with no task reading. Otherwise
+  (no hiredis, or a parser class of the user's own) one caller at a time holds the
+  *reader* role and reads with redis-py's ``read_response``: the writer when nobody is
+  reading, else the reader hands the role to the oldest caller still waiting. Either way
+  a reply whose caller is gone is read and dropped.
+* The reply is parsed by redis-py's response callback in the caller, after it wakes
+  (``_codec.parse_reply``), so a slow or failing callback costs only its own caller.
 
 Cancellation
 ------------
@@ -48,12 +55,19 @@ fails the connection when that reply is overdue: every caller in flight on it ge
 :class:`~aioredispatterns.errors.CommandTimeout` within ``socket_timeout`` of its write.
 A connection error likewise fails exactly the callers whose commands were in flight on
 that connection (:class:`~aioredispatterns.errors.ConnectionFailed`; a command that was
-sent may or may not have run, so nothing sent is retried). A failed connection is closed
-at once (its socket aborted, synchronously) and returned to the pool by the next task
-that runs here; the next batch takes a fresh one. An idle connection the server closed is
-replaced before writing; one closed under replies still owed is failed, never silently
-reconnected (its replies would go to the wrong callers). An error *reply* (``-ERR``,
-``NOSCRIPT``) fails only its own caller.
+sent may or may not have run, so nothing sent is retried here). A failed connection is
+closed at once (its socket aborted, synchronously) and returned to the pool by the next
+task that runs here; the next batch takes a fresh one. An idle connection the server
+closed is replaced before writing; one closed under replies still owed is failed, never
+silently reconnected (its replies would go to the wrong callers). An error *reply*
+(``-ERR``, ``NOSCRIPT``) fails only its own caller. An idle connection is health-checked
+by redis-py (``health_check_interval``) before the next write, as redis-py would.
+
+Tracing
+-------
+When :func:`aioredispatterns.instrument` is on, each written batch is an OpenTelemetry
+span, and each command too if asked (``_tracing``); when it is off this costs one global
+lookup per command.
 
 Cluster
 -------
@@ -65,51 +79,95 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 from redis import exceptions as rex
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.connection import PythonRespSerializer
 from redis.typing import EncodableT
 
+from . import _tracing
+from ._codec import (
+    EMPTY_RESPONSE,
+    NEVER_DECODE,
+    apply_callback,
+    command_name,
+    packer_of,
+    parse_reply,
+)
 from ._connection import AnyRedis, state_of
-from ._transport import abort, checkout, drain, guarded, open_stream_writer, send
+from ._translate import reraise
+from ._transport import (
+    PUSH_TYPE,
+    abort,
+    checkout,
+    drain,
+    guarded,
+    hiredis_reader_options,
+    open_stream_writer,
+    send,
+    stream_transport,
+)
 from .errors import ConfigurationError
 
 try:
-    import hiredis
+    from ._wire import MORE, Wire
 except ImportError:  # pragma: no cover - hiredis is an optional extra
-    hiredis = None  # type: ignore[assignment]
+    Wire = None  # type: ignore[assignment,misc]
+    MORE = None
+
+__all__ = (
+    "BLOCKING_COMMANDS",
+    "AutoPipeline",
+    "PipelineStats",
+    "apply_callback",
+    "blocks",
+    "packer_of",
+    "pipeline_for",
+)
 
 # Commands that can hold their connection: they would stall every command batched
 # behind them, so they never enter the shared pipeline (primitives use execute_blocking).
 BLOCKING_COMMANDS = frozenset(
     {
         "BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BLMPOP", "BZPOPMIN", "BZPOPMAX", "BZMPOP",
-        "XREAD", "XREADGROUP", "WAIT", "WAITAOF", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE",
-        "MONITOR",
+        "WAIT", "WAITAOF", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR",
     }
 )  # fmt: skip
+# Blocking only when asked to (a BLOCK argument); without it they answer at once.
+_BLOCKING_WITH_ARGUMENT = frozenset({"XREAD", "XREADGROUP"})
 
 # Handed to a waiting caller's future: "you are the reader now" / "the writer now".
 _DRIVE: Any = object()
 _WRITE: Any = object()
+_NOTHING: Any = object()  # no result taken from the future yet
 _RELEASE_TIMEOUT = 2.0
+
+# Reply types that are never awaitable (skips inspect.isawaitable on the common path).
+_PLAIN = frozenset({bytes, str, int, float, bool, list, dict, set, tuple, type(None)})
+# Replies that are neither errors nor pushes (a list may hold an error: checked apart).
+_PLAIN_REPLIES = frozenset({bytes, str, int, float, bool, type(None)})
+_Future = asyncio.Future
 
 DEFAULT_MAX_BATCH = 1024
 DEFAULT_FLUSH_AT = 16
 DEFAULT_MAX_BATCH_BYTES = 1 << 20
-_BUFFER_CUTOFF = 6000  # redis-py's: larger arguments are sent as separate chunks
 
-# Options redis-py's parse_response understands but a response callback does not.
-_NEVER_DECODE = "NEVER_DECODE"
-_EMPTY_RESPONSE = "EMPTY_RESPONSE"
+
+def blocks(name: str, args: Sequence[EncodableT]) -> bool:
+    """Whether the command ``name`` (upper case) with ``args`` can hold its connection."""
+    if name.split(" ", 1)[0] in BLOCKING_COMMANDS:
+        return True
+    if name in _BLOCKING_WITH_ARGUMENT:
+        return any(
+            isinstance(arg, str | bytes) and arg.upper() in ("BLOCK", b"BLOCK") for arg in args
+        )
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,30 +194,50 @@ class PipelineStats:
 
 class _Call:
     __slots__ = (
-        "args",
-        "callback",
+        "batch_span",
         "command",
         "deadline",
         "failure",
         "future",
+        "link",
         "name",
         "options",
+        "raw",
+        "sent",
         "size",
+        "span",
     )
 
     def __init__(
         self, command: list[bytes], name: str, options: dict[str, Any], future: Any
     ) -> None:
-        self.args: tuple[EncodableT, ...] = ()
-        self.callback: Callable[..., Any] | None = None
         self.command = command
         self.name = name
         self.options = options
+        self.raw = bool(options) and NEVER_DECODE in options  # read without decoding
         self.future: asyncio.Future[Any] = future
-        self.size = sum(len(part) for part in command)
+        self.size = len(command[0]) if len(command) == 1 else sum(map(len, command))
         self.deadline = math.inf  # loop time by which the reply must have arrived
+        self.sent = False  # written (it may have run on the server)
         # Set when the call failed while its future held a role (see _fail_calls).
         self.failure: Exception | None = None
+        # Tracing (see _tracing): this command's span, the caller's span to link to,
+        # and on a batch's last call the batch's span.
+        self.span: Any = None
+        self.link: Any = None
+        self.batch_span: Any = None
+
+
+def pipeline_for(client: AnyRedis) -> AutoPipeline | None:
+    """The auto-pipeline of a standalone ``client`` (created on first use), or None if
+    the client opted out (``auto_pipeline=False``)."""
+    state = state_of(client)
+    if not state.auto_pipeline:
+        return None
+    pipeline = state.pipeline
+    if pipeline is None:
+        pipeline = state.pipeline = AutoPipeline(client)
+    return pipeline
 
 
 class AutoPipeline:
@@ -178,27 +256,42 @@ class AutoPipeline:
         self._max_bytes = max_batch_bytes
         self._flush_at = flush_at
         self._pack = packer_of(client)
-        self._timeout: float | None = client.connection_pool.connection_kwargs.get(  # type: ignore[union-attr]
-            "socket_timeout"
-        )
-        self._commands_seen: dict[EncodableT, tuple[str, Callable[..., Any] | None]] = {}
+        settings = client.connection_pool.connection_kwargs  # type: ignore[union-attr]
+        self._timeout: float | None = settings.get("socket_timeout")
+        self._health_interval: float = settings.get("health_check_interval") or 0
+        self._names: dict[EncodableT, str] = {}
         self._queue: list[_Call] = []  # packed, not yet written
         self._writing = False  # somebody holds the writer role
         self._gathering = False  # the writer is yielding so that the iteration can queue
         self._in_flight: collections.deque[_Call] = collections.deque()  # sent, unread
         self._reader: _Call | None = None  # the caller holding the reader role
         self._connection: AbstractConnection | None = None
+        self._wire: Wire | None = None  # reads the kept connection's socket (hiredis)
         self._dead: list[AbstractConnection] = []  # failed, to be returned to the pool
         self._timer: asyncio.TimerHandle | None = None
         self._batches = 0
         self._commands = 0
         self._max_in_flight = 0
         self._connection_errors = 0
+        #: redis-py's ``Retry`` of the pool's connections (known once one was taken).
+        self.retry: Any = None
+        #: Span attributes of this pipeline's server (``_tracing``, computed once).
+        self.trace_attributes: dict[str, Any] | None = None
 
     @property
     def kept_connection(self) -> AbstractConnection | None:
         """The pooled connection this pipeline keeps checked out (None before first use)."""
         return self._connection
+
+    @property
+    def reads_itself(self) -> bool:
+        """Whether replies are parsed by the socket's callback (hiredis) rather than by
+        a caller holding the reader role (redis-py's ``read_response``)."""
+        return self._wire is not None
+
+    @property
+    def client(self) -> AnyRedis:
+        return self._client
 
     @property
     def stats(self) -> PipelineStats:
@@ -211,49 +304,146 @@ class AutoPipeline:
 
     # ------------------------------------------------------------------ entry points
 
-    def _describe(self, first: EncodableT) -> tuple[str, Callable[..., Any] | None]:
-        """Name and response callback of a command (cached per spelling)."""
-        try:
-            return self._commands_seen[first]
-        except KeyError:
-            pass
-        name = first if isinstance(first, str) else bytes(first).decode()  # type: ignore[arg-type]
-        name = name.upper()
-        if name.split(" ")[0] in BLOCKING_COMMANDS:
-            raise ConfigurationError(f"{name} can block its connection: use execute_blocking()")
-        found = (name, self._client.response_callbacks.get(name))
-        if len(self._commands_seen) < 1024:
-            self._commands_seen[first] = found
-        return found
+    def _name_of(self, first: EncodableT) -> str:
+        """The command's name (cached per spelling); blocking commands are refused."""
+        name = self._names.get(first)
+        if name is None:
+            name = command_name(first)
+            if name.split(" ", 1)[0] in BLOCKING_COMMANDS:
+                raise ConfigurationError(f"{name} can block its connection: use execute_blocking()")
+            if len(self._names) < 1024:
+                self._names[first] = name
+        return name
 
-    def _call(self, args: Sequence[EncodableT], options: dict[str, Any]) -> _Call:
-        name, callback = self._describe(args[0])
-        # Packed here, in the caller: an unencodable argument fails this caller alone,
-        # before anything is queued.
-        call = _Call(
-            self._pack(tuple(args)), name, options, asyncio.get_running_loop().create_future()
-        )
-        call.callback = callback
-        return call
-
-    async def execute(self, *args: EncodableT, **options: Any) -> Any:
-        """Queue one command for the next batch and return its parsed reply.
+    def prepare(self, args: Sequence[EncodableT], options: dict[str, Any]) -> _Call:
+        """Pack one command for :meth:`run` (in the caller: bad input fails it alone,
+        before anything is queued).
 
         Raises:
             ConfigurationError: a blocking command (it would stall the whole batch).
+            redis.exceptions.DataError: an argument cannot be encoded.
         """
-        call = self._call(args, options)
-        self._queue.append(call)
-        if not self._writing:
-            self._writing = True
+        name = self._names.get(args[0]) or self._name_of(args[0])
+        if name in _BLOCKING_WITH_ARGUMENT and blocks(name, args):
+            raise ConfigurationError(f"{name} BLOCK can block its connection")
+        call = _Call(
+            self._pack(args if args.__class__ is tuple else tuple(args)),
+            name,
+            options,
+            # asyncio.Future directly: loop.create_future is one Python frame more.
+            _Future(loop=asyncio.get_running_loop()),
+        )
+        if _tracing.ACTIVE is not None:
+            _tracing.ACTIVE.command(call, self)
+        return call
+
+    async def run(
+        self,
+        call: _Call,
+        *,
+        retry: bool = False,
+        translate: bool = False,
+        callbacks: Mapping[Any, Any] | None = None,
+    ) -> Any:
+        """Send a prepared command with the next batch and return its parsed reply
+        (the client's response callback, awaited if it is async).
+
+        Args:
+            retry: redis-py's rule for the user's own commands: a command that failed
+                with a connection or timeout error *after it was written* is sent again
+                as the connection's ``Retry`` says (so it may run twice). The library
+                never passes True.
+            translate: raise the library's errors (``_translate``) instead of redis-py's,
+                as the command layer's :func:`~aioredispatterns._commands.execute` does.
+            callbacks: the response callbacks to parse with (a cluster client's, for a
+                command routed to one of its nodes); the pipeline's client's by default.
+        """
+        try:
+            self._queue.append(call)
             try:
-                await self._lead()
-            except BaseException:
-                self._abandon(call)
+                if not self._writing:
+                    self._writing = True
+                    try:
+                        await self._lead()
+                    except BaseException:
+                        self._abandon(call)
+                        raise
+                elif self._gathering and len(self._queue) >= self._flush_at:
+                    self._flush_early()
+                # The common case inline (a reply, no role handed over): one coroutine
+                # less per command.
+                try:
+                    reply = await call.future
+                except BaseException as exc:
+                    self._abandon(call)
+                    if self._dead and isinstance(exc, Exception):
+                        await self._release_dead()
+                    raise
+                if reply is _DRIVE or reply is _WRITE or call.failure is not None:
+                    reply = await self._wait(call, reply)
+            except rex.ResponseError:
+                if call.options and EMPTY_RESPONSE in call.options:
+                    return call.options[EMPTY_RESPONSE]
                 raise
-        elif self._gathering and len(self._queue) >= self._flush_at:
-            self._flush_early()
-        return await self._wait(call)
+            except (rex.ConnectionError, rex.TimeoutError) as error:
+                if not retry or not call.sent or self.retry is None:
+                    raise
+                return await self._send_again(call, error, callbacks)
+            result = parse_reply(
+                self._client.response_callbacks if callbacks is None else callbacks,
+                call.name,
+                reply,
+                call.options,
+            )
+            if result.__class__ not in _PLAIN and inspect.isawaitable(result):
+                result = await result  # an async response callback (redis-py allows them)
+            return result
+        except Exception as exc:
+            if not translate:
+                raise
+            reraise(exc)
+
+    def execute_translated(
+        self, args: Sequence[EncodableT], options: dict[str, Any]
+    ) -> Coroutine[Any, Any, Any]:
+        """:meth:`execute` raising the library's errors: the command layer's hot path
+        (no coroutine of its own; bad input is raised when awaited)."""
+        try:
+            call = self.prepare(args, options)
+        except Exception as exc:
+            return _raise(exc, translated=True)
+        return self.run(call, translate=True)
+
+    async def _send_again(
+        self, call: _Call, error: Exception, callbacks: Mapping[Any, Any] | None
+    ) -> Any:
+        """redis-py's retry of a command that failed after it was written: the
+        connection's ``Retry`` decides (supported errors, attempts, backoff), as in
+        redis-py's ``execute_command``."""
+        failed = [error]
+        latest = [call]
+        loop = asyncio.get_running_loop()
+
+        async def attempt() -> Any:
+            if failed:
+                raise failed.pop()
+            again = _Call(call.command, call.name, call.options, loop.create_future())
+            latest[0] = again
+            return await self.run(again, callbacks=callbacks)
+
+        def written(_: Exception) -> bool:
+            return latest[0].sent
+
+        return await self.retry.call_with_retry(attempt, _no_cleanup, is_retryable=written)
+
+    def execute(self, *args: EncodableT, **options: Any) -> Coroutine[Any, Any, Any]:
+        """Queue one command for the next batch; await the result for its parsed reply.
+
+        Raises:
+            ConfigurationError: a blocking command (it would stall the whole batch);
+                raised at once, before anything is awaited.
+        """
+        return self.run(self.prepare(args, options))
 
     async def execute_many(self, commands: Sequence[Sequence[EncodableT]]) -> list[Any]:
         """Queue ``commands`` together and return their replies in order.
@@ -261,10 +451,11 @@ class AutoPipeline:
         Every reply is awaited; the first error reply is raised after that. A connection
         failure is raised at once (the rest of the batch failed with it).
         """
-        calls = [self._call(args, {}) for args in commands]
+        calls = [self.prepare(args, {}) for args in commands]
         self._queue.extend(calls)
         results: list[Any] = []
         first_error: rex.ResponseError | None = None
+        callbacks = self._client.response_callbacks
         try:
             if not self._writing:
                 self._writing = True
@@ -273,10 +464,12 @@ class AutoPipeline:
                 self._flush_early()
             for call in calls:
                 try:
-                    results.append(await self._wait(call))
+                    reply = await self._wait(call)
                 except rex.ResponseError as exc:
                     first_error = first_error or exc
                     results.append(exc)
+                else:
+                    results.append(parse_reply(callbacks, call.name, reply, {}))
         except BaseException:
             for call in calls:
                 self._abandon(call)
@@ -284,6 +477,25 @@ class AutoPipeline:
         if first_error is not None:
             raise first_error
         return results
+
+    async def aclose(self) -> None:
+        """Give the kept connection back to the pool (closed if replies were owed);
+        commands not answered yet fail with ``ConnectionError``. The pipeline takes a
+        connection again on its next command. Shielded and bounded."""
+        error = rex.ConnectionError("the client was closed")
+        queued, self._queue = self._queue, []
+        _fail_calls(queued, error)
+        connection = self._connection
+        if connection is not None:
+            wire = self._wire
+            if not self._in_flight and (wire is None or wire.detach()):
+                # In step: back to the pool as it is, for redis-py to reuse.
+                self._wire = None
+                self._connection = None
+                await _give_back(self._client, connection, close=False)  # type: ignore[arg-type]
+            else:
+                self._fail_connection(connection, error)
+        await self._release_dead()
 
     # ------------------------------------------------------------------ writer
 
@@ -329,25 +541,35 @@ class AutoPipeline:
                 return
         self._queue.clear()  # only callers that left: nothing to write
 
+    def _sink(self) -> asyncio.WriteTransport | asyncio.StreamWriter | None:
+        """Where a synchronous write goes: the kept connection's socket if it is known
+        to be open, else None."""
+        wire = self._wire
+        if wire is not None:
+            return wire.transport if wire.open else None
+        return open_stream_writer(self._connection)
+
     def _flush_early(self) -> None:
         """Write the queue now, mid-iteration, if the connection is known to be open.
 
         Synchronous, so nothing can interleave: the writer is parked in its yield and no
         other write is pending, which keeps the order of ``_in_flight`` the order on the
-        wire. Without an open stream, the writer sends the queue as before.
+        wire. Without an open socket, the writer sends the queue as before.
         """
-        writer = open_stream_writer(self._connection)
-        if writer is None:
+        sink = self._sink()
+        if sink is None:
             return  # not known to be open: the writer's path checks and reconnects
         batch = self._take_batch()
         if batch:
-            self._put_on_wire(writer, batch)
+            self._put_on_wire(sink, batch)
 
-    def _put_on_wire(self, writer: asyncio.StreamWriter, batch: list[_Call]) -> None:
+    def _put_on_wire(
+        self, sink: asyncio.WriteTransport | asyncio.StreamWriter, batch: list[_Call]
+    ) -> None:
         """Hand ``batch`` to the transport (synchronous) and record it as in flight."""
         self._stamp(batch)
         self._in_flight.extend(batch)
-        writer.writelines([part for call in batch for part in call.command])
+        sink.writelines([part for call in batch for part in call.command])
         self._count(batch)
 
     def _stamp(self, batch: list[_Call]) -> None:
@@ -355,14 +577,21 @@ class AutoPipeline:
         if self._timeout:
             deadline = asyncio.get_running_loop().time() + self._timeout
             for call in batch:
+                call.sent = True
                 call.deadline = deadline
+        else:
+            for call in batch:
+                call.sent = True
 
     def _count(self, batch: list[_Call]) -> None:
         """Record one write of ``batch``; make sure somebody reads and the deadline ticks."""
         self._batches += 1
         self._commands += len(batch)
         self._max_in_flight = max(self._max_in_flight, len(self._in_flight))
-        if self._reader is None:
+        tracer = _tracing.ACTIVE
+        if tracer is not None:
+            tracer.batch(batch, self)
+        if self._reader is None and self._wire is None:
             self._hand_off_reading()
         if self._timer is None:
             self._arm()
@@ -377,15 +606,33 @@ class AutoPipeline:
             size += call.size
         del self._queue[: len(batch)]
         # A caller cancelled before its command was sent: it never reaches the server.
-        return [call for call in batch if not call.future.done()]
+        kept = [call for call in batch if not call.future.done()]
+        if len(kept) < len(batch):
+            for call in batch:
+                if call.future.done() and call.span is not None:
+                    _tracing.end(call, None)
+        return kept
 
     async def _write(self, connection: AbstractConnection, batch: list[_Call]) -> None:
-        writer = open_stream_writer(connection)
+        wire = self._wire
+        if wire is not None and wire.open:
+            self._put_on_wire(wire.transport, batch)
+            if wire.must_drain:
+                try:
+                    await wire.drain(self._timeout)
+                except TimeoutError:
+                    self._fail_connection(connection, rex.TimeoutError("Timeout writing to socket"))
+                except Exception as exc:
+                    self._fail_connection(connection, exc)
+            return
+        writer = open_stream_writer(connection) if wire is None else None
         if writer is None:
             self._stamp(batch)
             self._in_flight.extend(batch)
             chunks = [part for call in batch for part in call.command]
             try:
+                if wire is not None:  # the socket was lost since it was checked
+                    raise rex.ConnectionError(str(wire.error or "the connection was lost"))  # noqa: TRY301
                 await send(connection, chunks)
             except BaseException as exc:
                 # A write cut short leaves the stream in an unknown state.
@@ -418,30 +665,66 @@ class AutoPipeline:
             # has been sent, so that is always safe.
             connection = await checkout(pool)
             self._connection = connection
+            self.retry = connection.retry
+            self._attach(connection)
             return connection
         if not self._in_flight:
+            wire = self._wire
+            if (
+                wire is not None
+                and wire.open
+                and not wire.reader.has_data()
+                and not self._due_for_health_check(wire)
+            ):
+                return connection  # the common case: no await at all
             # With no reply outstanding, a connection the server closed (restart, idle
             # timeout) shows as EOF: reconnect before writing, so nothing is lost. A
-            # health check (PING) is only safe with no replies outstanding, too.
+            # health check (PING) is only safe with no replies outstanding, too. Both are
+            # redis-py's, on its own stream: the wire gives the socket back meanwhile.
+            if wire is not None:
+                self._wire = None
+                if not wire.detach():
+                    self._fail_connection(connection, rex.InvalidResponse("a partial reply"))
+                    await self._release_dead()
+                    return await self._writable_connection()
             try:
                 # One guard for both calls: this runs before every write to an idle
-                # connection (every command of a lone caller).
+                # connection when redis-py reads the replies.
                 await guarded(_reconnect_if_closed(pool, connection))
             except BaseException as exc:
                 # Cut short (cancelled, failed): the connection's state is unknown.
                 self._fail_connection(connection, exc)
                 raise
+            if wire is not None:
+                self._attach(connection)
         return connection
+
+    def _due_for_health_check(self, wire: Wire) -> bool:
+        interval = self._health_interval
+        return bool(interval) and asyncio.get_running_loop().time() - wire.last_read > interval
+
+    def _attach(self, connection: AbstractConnection) -> None:
+        """Read ``connection``'s socket ourselves if its parser is hiredis (``_wire``)."""
+        if Wire is None:
+            return
+        options = hiredis_reader_options(connection)
+        transport = stream_transport(connection) if options is not None else None
+        if options is None or transport is None:
+            return
+        self._wire = Wire(transport, options, self._on_data, self._on_lost)
 
     # ------------------------------------------------------------------ waiting, reading
 
-    async def _wait(self, call: _Call) -> Any:
+    async def _wait(self, call: _Call, result: Any = _NOTHING) -> Any:
+        """Wait for the reply of ``call``, taking up the roles handed to it on the way
+        (``result``: what its future already gave, if anything)."""
         loop = asyncio.get_running_loop()
         try:
             while True:
                 if call.failure is not None:
                     raise call.failure  # noqa: TRY301 (handled by the except below)
-                result = await call.future
+                if result is _NOTHING:
+                    result = await call.future
                 if result is _DRIVE:
                     call.future = loop.create_future()
                     await self._read(call)
@@ -450,6 +733,7 @@ class AutoPipeline:
                     await self._lead()
                 else:
                     return result
+                result = _NOTHING
         except BaseException as exc:
             self._abandon(call)
             if self._dead and isinstance(exc, Exception):
@@ -472,6 +756,57 @@ class AutoPipeline:
         elif role is _WRITE:
             self._writing = False
             self._hand_off_writing()
+
+    def _on_data(self, wire: Wire) -> None:
+        """Replies arrived on the wire: settle their callers in order (a socket callback:
+        nothing here awaits)."""
+        if wire is not self._wire:
+            return
+        reader = wire.reader
+        in_flight = self._in_flight
+        try:
+            while True:
+                if in_flight:
+                    call = in_flight[0]
+                    reply = reader.gets(False) if call.raw else reader.gets()
+                else:
+                    reply = reader.gets()
+                if reply is MORE:
+                    return
+                if reply.__class__ in _PLAIN_REPLIES and in_flight:
+                    # The common case, settled inline (see _settle).
+                    in_flight.popleft()
+                    if call.span is not None or call.batch_span is not None:
+                        _tracing.end(call, None)
+                    if not call.future.done():
+                        call.future.set_result(reply)
+                    continue
+                if isinstance(reply, PUSH_TYPE):  # type: ignore[arg-type]
+                    continue  # a RESP3 push (no caller's reply): redis-py drops it too
+                if not in_flight:
+                    raise rex.InvalidResponse(f"a reply nobody asked for: {reply!r:.80}")  # noqa: TRY301
+                in_flight.popleft()
+                if isinstance(reply, Exception):
+                    _settle(call, exc=reply)  # an error reply: this caller's alone
+                elif (
+                    reply.__class__ is list and reply and isinstance(reply[0], rex.ConnectionError)
+                ):
+                    _settle(call, exc=reply[0])  # as redis-py's hiredis parser raises it
+                else:
+                    _settle(call, response=reply)
+        except Exception as exc:  # a protocol error: the stream is out of step
+            if self._connection is not None:
+                self._fail_connection(self._connection, exc)
+
+    def _on_lost(self, wire: Wire, error: Exception) -> None:
+        """The wire's socket closed: fail whoever is still owed a reply on it."""
+        if wire is not self._wire or self._connection is None:
+            return
+        if self._in_flight:
+            self._fail_connection(
+                self._connection, rex.ConnectionError(f"Error while reading from socket: {error}")
+            )
+        # Idle: nothing is lost; the next write sees the closed wire and reconnects.
 
     def _hand_off_reading(self) -> None:
         """Make the oldest caller still waiting the reader (if there is one)."""
@@ -498,7 +833,7 @@ class AutoPipeline:
                 call = self._in_flight[0]
                 try:
                     response = await connection.read_response(
-                        disable_decoding=_NEVER_DECODE in call.options,
+                        disable_decoding=call.raw,
                         timeout=math.inf,
                         disconnect_on_error=False,
                     )
@@ -557,6 +892,7 @@ class AutoPipeline:
         if connection is not self._connection:
             return
         self._connection = None
+        self._wire = None
         self._connection_errors += 1
         self._reader = None
         if self._timer is not None:
@@ -568,15 +904,31 @@ class AutoPipeline:
         self._dead.append(connection)
 
     async def _release_dead(self) -> None:
-        """Return failed connections to the pool (shielded, bounded)."""
+        """Return failed connections to the pool, closed (shielded, bounded)."""
         dead, self._dead = self._dead, []
-        client: Redis = self._client  # type: ignore[assignment]
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_RELEASE_TIMEOUT):
-            for connection in dead:
-                try:
-                    await connection.disconnect(nowait=True)
-                finally:
-                    await client.connection_pool.release(connection)
+        for connection in dead:
+            await _give_back(self._client, connection, close=True)  # type: ignore[arg-type]
+
+
+async def _give_back(client: Redis, connection: AbstractConnection, *, close: bool) -> None:
+    """Return ``connection`` to ``client``'s pool, closed first if ``close`` (shielded,
+    bounded: it runs on every exit path)."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(_RELEASE_TIMEOUT):
+        try:
+            if close:
+                await connection.disconnect(nowait=True)
+        finally:
+            await client.connection_pool.release(connection)
+
+
+async def _raise(error: Exception, *, translated: bool) -> Any:
+    if translated:
+        reraise(error)
+    raise error
+
+
+async def _no_cleanup(*_: object) -> None:
+    """redis-py's retry calls this between attempts; the failed connection is closed."""
 
 
 async def _reconnect_if_closed(pool: ConnectionPool, connection: AbstractConnection) -> None:
@@ -584,61 +936,10 @@ async def _reconnect_if_closed(pool: ConnectionPool, connection: AbstractConnect
     await connection.check_health()  # type: ignore[no-untyped-call]
 
 
-def packer_of(client: AnyRedis) -> Callable[[tuple[EncodableT, ...]], list[bytes]]:
-    """The client's packer (built once per client): see :func:`_packer`."""
-    state = state_of(client)
-    if state.packer is None:
-        state.packer = _packer(client)
-    return state.packer
-
-
-# hiredis packs ints itself and crashes the process (not an exception) on one of more
-# than 4300 digits: anything outside 64 bits goes through redis-py's Python packer, which
-# raises instead.
-_MIN_INT = -(2**63)
-_MAX_INT = 2**64 - 1
-
-
-def _packer(client: AnyRedis) -> Callable[[tuple[EncodableT, ...]], list[bytes]]:
-    """The fastest packer that encodes exactly as redis-py's encoder would.
-
-    An argument that cannot be encoded (a bool, None, a lone surrogate, an int too large
-    to print) raises redis-py's ``DataError`` (bad input: nothing was sent).
-    """
-    if isinstance(client, RedisCluster):
-        encoder = client.get_encoder()
-    else:
-        encoder = client.connection_pool.get_encoder()  # type: ignore[no-untyped-call]
-    python = PythonRespSerializer(_BUFFER_CUTOFF, encoder.encode)
-
-    def pack_python(args: tuple[EncodableT, ...]) -> list[bytes]:
-        try:
-            return python.pack(*args)  # type: ignore[no-untyped-call,no-any-return]
-        except (ValueError, UnicodeError) as exc:
-            raise rex.DataError(f"a command argument cannot be encoded: {exc}") from None
-
-    if hiredis is None or encoder.encoding.lower().replace("-", "") != "utf8":
-        return pack_python
-
-    pack_command = hiredis.pack_command
-
-    def pack_hiredis(args: tuple[EncodableT, ...]) -> list[bytes]:
-        first = args[0]
-        if (" " in first) if isinstance(first, str) else (b" " in first):  # type: ignore[operator]
-            return pack_python(args)
-        for arg in args:
-            if arg.__class__ is int and not _MIN_INT <= arg <= _MAX_INT:
-                return pack_python(args)
-        try:
-            return [pack_command(args)]  # type: ignore[arg-type]
-        except (TypeError, UnicodeError) as exc:  # redis-py's encoder calls these DataError
-            raise rex.DataError(str(exc)) from None
-
-    return pack_hiredis
-
-
 def _fail_calls(calls: Iterable[_Call], exc: Exception) -> None:
     for call in calls:
+        if call.span is not None or call.batch_span is not None:
+            _tracing.end(call, exc, connection_failed=True)
         future = call.future
         if not future.done():
             future.set_exception(exc)
@@ -648,34 +949,12 @@ def _fail_calls(calls: Iterable[_Call], exc: Exception) -> None:
 
 
 def _settle(call: _Call, *, response: Any = None, exc: BaseException | None = None) -> None:
+    if call.span is not None or call.batch_span is not None:
+        _tracing.end(call, exc)
     future = call.future
     if future.done():
         return  # the caller is gone: its reply is dropped
     if exc is not None:
         future.set_exception(exc)
-        return
-    callback = call.callback
-    if callback is not None:
-        try:
-            response = _run_callback(callback, response, call.options)
-        except Exception as error:
-            future.set_exception(error)
-            return
-    future.set_result(response)
-
-
-def _run_callback(callback: Callable[..., Any], response: Any, options: dict[str, Any]) -> Any:
-    if options and (_EMPTY_RESPONSE in options or _NEVER_DECODE in options or "keys" in options):
-        options = {
-            k: v for k, v in options.items() if k not in (_EMPTY_RESPONSE, _NEVER_DECODE, "keys")
-        }
-    return callback(response, **options)
-
-
-def apply_callback(
-    client: AnyRedis, first: EncodableT, response: Any, options: dict[str, Any]
-) -> Any:
-    """``response`` parsed by redis-py's response callback for the command ``first``."""
-    name = first if isinstance(first, str) else bytes(first).decode()  # type: ignore[arg-type]
-    callback = client.response_callbacks.get(name.upper())
-    return response if callback is None else _run_callback(callback, response, options)
+    else:
+        future.set_result(response)

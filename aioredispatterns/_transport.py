@@ -13,29 +13,55 @@ handshake, health checks) in :func:`guarded`, which re-raises a swallowed cancel
 redis-py has no public synchronous write, so :func:`open_stream_writer` reads the
 connection's ``_reader``/``_writer``; when they are missing (another redis-py version)
 everything falls back to the public path. A test fails if a release renames them.
+
+This module is also the one adapter for every private redis-py attribute the command
+layer touches, so that a redis-py release that renames one breaks one module:
+
+* ``connection._reader`` / ``_writer`` (the asyncio streams: the direct write, the socket
+  the auto-pipeline reads itself, an abort);
+* ``connection._parser`` (which parser the connection uses, and its error table, so that
+  replies read without it come out exactly as redis-py would return them);
+* ``StreamReader._buffer`` (asyncio's: bytes already read from the socket; redis-py reads
+  it the same way to tell a dirty connection).
+
+When one is missing, :func:`hiredis_reader_options` and :func:`stream_transport` return
+None and the auto-pipeline keeps reading through redis-py's ``read_response``.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from redis import exceptions as rex
+
+try:
+    import hiredis
+    from redis._parsers.hiredis import _AsyncHiredisParser
+except ImportError:  # pragma: no cover - hiredis is an optional extra
+    hiredis = None  # type: ignore[assignment]
+    _AsyncHiredisParser = None  # type: ignore[assignment,misc]
 
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
 __all__ = (
+    "PUSH_TYPE",
     "abort",
     "cancel_count",
     "checkout",
     "drain",
     "guarded",
+    "hiredis_reader_options",
     "open_stream_writer",
     "send",
+    "stream_transport",
 )
+
+#: hiredis's type for RESP3 push messages (hiredis >= 3.2), or None.
+PUSH_TYPE: type | None = getattr(hiredis, "PushNotification", None) if hiredis else None
 
 T = TypeVar("T")
 
@@ -49,6 +75,47 @@ def open_stream_writer(connection: AbstractConnection | None) -> asyncio.StreamW
     if writer.is_closing() or reader.at_eof():
         return None
     return writer
+
+
+def stream_transport(connection: AbstractConnection | None) -> asyncio.Transport | None:
+    """The socket transport under ``connection``'s streams, if it is open and redis-py has
+    nothing buffered from it (else None: the socket cannot be read by anyone else)."""
+    writer = open_stream_writer(connection)
+    if writer is None:
+        return None
+    reader = getattr(connection, "_reader", None)
+    if getattr(reader, "_buffer", None):  # bytes redis-py read and has not parsed
+        return None
+    transport = writer.transport
+    # Duck-typed: uvloop's transports have asyncio's API without subclassing it.
+    if all(hasattr(transport, name) for name in _TRANSPORT_API):
+        return transport  # type: ignore[return-value]
+    return None
+
+
+_TRANSPORT_API = ("get_protocol", "set_protocol", "writelines", "is_closing", "abort")
+
+
+def hiredis_reader_options(connection: AbstractConnection) -> dict[str, Any] | None:
+    """Arguments for a ``hiredis.Reader`` that parses exactly as ``connection``'s own
+    parser does, or None when the connection does not parse with hiredis (a reader of
+    ours would not return the same objects) or hiredis has no push type (RESP3 pushes
+    could not be told from replies)."""
+    if hiredis is None or PUSH_TYPE is None or _AsyncHiredisParser is None:
+        return None
+    parser = getattr(connection, "_parser", None)
+    if not isinstance(parser, _AsyncHiredisParser):
+        return None
+    # As redis-py's _AsyncHiredisParser.on_connect builds its reader.
+    options: dict[str, Any] = {
+        "protocolError": rex.InvalidResponse,
+        "replyError": parser.parse_error,
+    }
+    encoder = connection.encoder
+    if encoder.decode_responses:
+        options["encoding"] = encoder.encoding
+        options["errors"] = encoder.encoding_errors
+    return options
 
 
 def abort(connection: AbstractConnection) -> None:

@@ -12,7 +12,9 @@ PACKAGE = Path(aioredispatterns.__file__).parent
 # The command layer (and the test harness, which starts servers with redis-py's own
 # clients): nothing else may import redis-py at run time.
 DOORS = {
+    "_client",
     "_cluster",
+    "_codec",
     "_commands",
     "_connection",
     "_pipeline",

@@ -43,24 +43,26 @@ async def test_a_cancelled_lock_waiter_never_enters_the_body(own_server: RedisSe
 
 
 async def test_replies_owed_on_a_closed_connection_never_shift(own_server: RedisServer) -> None:
-    client = connect(own_server.url, socket_timeout=0.5)
+    client = connect(own_server.url, socket_timeout=2)
+    admin = connect(own_server.url, auto_pipeline=False)
     try:
         await execute(client, "SET", "a", "A")
         await execute(client, "SET", "b", "B")
         pipeline = state_of(client).pipeline
         assert pipeline is not None
-        tried = 0
-        for attempt in range(200):
-            # A caller leaves right after its command was written: its reply is owed.
+        for attempt in range(20):
+            # The server holds replies back: a caller cancelled after its command was
+            # written leaves its reply owed on the kept connection.
+            await admin.execute_command("CLIENT", "PAUSE", 200, "ALL")
             task = asyncio.get_running_loop().create_task(execute(client, "GET", "a"))
             for _ in range(attempt % 4 + 1):
                 await asyncio.sleep(0)
+            with anyio.fail_after(5):
+                while not pipeline._in_flight:  # noqa: ASYNC110 - the pipeline's state
+                    await asyncio.sleep(0.001)
             task.cancel()
             await asyncio.wait({task})
-            if not pipeline._in_flight or pipeline._reader is not None:
-                await execute(client, "PING")
-                continue
-            tried += 1
+            assert pipeline._in_flight  # owed, and its caller is gone
             await client.connection_pool.disconnect()  # redis-py's public API
             got: dict[str, object] = {}
 
@@ -72,6 +74,6 @@ async def test_replies_owed_on_a_closed_connection_never_shift(own_server: Redis
                     tg.start_soon(get, "a")
                     tg.start_soon(get, "b")
             assert got == {"a": b"A", "b": b"B"}
-        assert tried, "never caught a reply in flight"
     finally:
         await client.aclose()
+        await admin.aclose()
