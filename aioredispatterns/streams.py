@@ -39,6 +39,7 @@ Keys: the stream is ``<prefix>:stream:{<name>}`` and its dead-letter stream
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -60,7 +61,6 @@ from typing import Any, Self, TypeAlias
 
 import anyio
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import _streams_redis as _r
 from ._backoff import Backoff
@@ -70,7 +70,7 @@ from ._connection import AnyRedis, check_client, state_of
 from ._keys import DEFAULT_PREFIX, KeySpace, KeyT, keyspace
 from ._scope import background
 from ._validate import check_count, check_flag, check_items, check_name, check_seconds, shown
-from ._worker import AckBatcher, CreditWindow, Reservation
+from ._worker import Reservation, WorkerPool
 from .errors import (
     CommandError,
     CommandTimeout,
@@ -613,25 +613,29 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
         # A read or reclaim waits for at least this much room: resuming after every
         # single settled message would turn into requests of COUNT 1.
         self._worthwhile = max(1, self.policy.batch_size // 4)
-        self._reset_run_state()
+        self._pool = self._new_pool()
+        self._group_lock = anyio.Lock()
 
-    def _reset_run_state(self) -> None:
-        # Room for max_in_flight messages, counting those a read or reclaim asked for.
-        self._window = CreditWindow(self.policy.max_in_flight)
-        # What this consumer holds, renewed every claim_idle / 3: messages in the buffer
-        # and messages whose handler runs.
-        self._buffered: set[str] = set()
-        self._handling: set[str] = set()
-        self._acks = AckBatcher(
-            self._xack,
-            backoff=self._new_backoff(),
+    def _new_pool(self) -> WorkerPool[StreamMessage]:
+        # One per run: the buffer, the credit window (room for max_in_flight messages,
+        # counting those a read or reclaim asked for), the messages held and renewed
+        # every claim_idle / 3, the ack batcher.
+        policy = self.policy
+        return WorkerPool(
             name=f"{self.group}/{self.consumer}",
             logger=logger,
+            concurrency=policy.concurrency,
+            max_in_flight=policy.max_in_flight,
+            drain_timeout=policy.drain_timeout,
+            ack_timeout=policy.ack_timeout,
+            renew_every=policy.claim_idle / 3,
+            send_acks=self._xack,
+            renew=self._refresh,
+            on_failure=self._failed,
+            counts=self._counts,
+            new_backoff=self._new_backoff,
+            left_behind="those messages stay pending",
         )
-        self._stopping = False
-        self._group_lock = anyio.Lock()
-        self._send: MemoryObjectSendStream[StreamMessage] | None = None
-        self._receive: MemoryObjectReceiveStream[StreamMessage] | None = None
 
     def _new_backoff(self) -> Backoff:
         state = state_of(self._client)
@@ -643,7 +647,7 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
     def stats(self) -> GroupStats:
         """A snapshot of this consumer's counters (a plain read: nothing to cancel)."""
         counts = {name: getattr(self._counts, name) for name in _Counters.__slots__}
-        return GroupStats(**counts, in_flight=self._window.in_flight)
+        return GroupStats(**counts, in_flight=self._pool.window.in_flight)
 
     def ack(self, *messages: StreamMessage | str) -> None:
         """Acknowledge messages (or ids): queued and sent in the next batched XACK.
@@ -659,7 +663,7 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
         if not self._running:
             raise StreamError("ack() needs the group running (inside its async with)")
         ids = [_message_id(message) for message in messages]  # all checked before any is queued
-        self._acks.add(ids)
+        self._pool.acks.add(ids)
 
     async def reject(self, message: StreamMessage, error: Exception) -> None:
         """Report that processing ``message`` failed (for :meth:`messages` loops).
@@ -698,9 +702,9 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
         """
         if self._handler is not None:
             raise StreamError("messages() is for groups without a handler")
-        if not self._running or self._receive is None:
+        if not self._running:
             raise StreamError("messages() needs the group running (inside its async with)")
-        return _MessageIterator(self, self._receive)
+        return self._pool.items()
 
     async def info(self) -> GroupInfo:
         """The group's pending count, lag and consumers from XINFO GROUPS; stream lengths.
@@ -777,116 +781,30 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
         if not info.xautoclaim:
             raise UnsupportedServerError(f"streams need XAUTOCLAIM (Redis >= 6.2); {info} lacks it")
         await _r.create_group(self._client, self.key, self.group, self.policy.start_id)
-        self._reset_run_state()
-        send, receive = anyio.create_memory_object_stream[StreamMessage](self.policy.max_in_flight)
-        self._send, self._receive = send, receive
+        self._pool = pool = self._new_pool()
+        self._group_lock = anyio.Lock()
+        intake = [self._read_loop, self._reclaim_loop]
+        if self.policy.consumer_idle is not None:
+            intake.append(functools.partial(self._hygiene_loop, self.policy.consumer_idle))
         self._running = True
         try:
-            async with background("ConsumerGroup") as tg:
-                workers_done = anyio.Event()
-                # Shielded: cancelling the group must not interrupt running handlers or
-                # the renewal of their messages; the shutdown ends both itself.
-                work_scope = anyio.CancelScope(shield=True)
-                refresh_scope = anyio.CancelScope(shield=True)
-                intake_scope = anyio.CancelScope()
-                tg.start_soon(self._acks.run)
-                tg.start_soon(self._refresh_loop, refresh_scope)
-                tg.start_soon(self._intake, intake_scope)
-                if self._handler is not None:
-                    tg.start_soon(self._work, self._handler, receive, work_scope, workers_done)
-                else:
-                    workers_done.set()
-                try:
-                    yield self
-                finally:
-                    try:
-                        with anyio.CancelScope(shield=True):
-                            await self._shutdown(intake_scope, work_scope, workers_done)
-                    finally:
-                        refresh_scope.cancel()
+            async with (
+                background("ConsumerGroup") as tg,
+                pool.running(tg, intake, self._handler),
+            ):
+                yield self
         finally:
             self._running = False
-            send.close()
-            receive.close()
-
-    async def _shutdown(
-        self,
-        intake_scope: anyio.CancelScope,
-        work_scope: anyio.CancelScope,
-        workers_done: anyio.Event,
-    ) -> None:
-        # Order matters: stop taking new messages, let running handlers end (their
-        # acks join the queue), then flush the queue. Buffered messages that no handler
-        # started are no longer renewed: they stay pending and another consumer
-        # reclaims them after claim_idle.
-        self._stopping = True
-        intake_scope.cancel()
-        assert self._send is not None
-        self._send.close()
-        self._buffered.clear()
-        with anyio.move_on_after(self.policy.drain_timeout):
-            await workers_done.wait()
-        if not workers_done.is_set():
-            logger.warning(
-                "%s/%s: handlers still running after drain_timeout=%ss; cancelling them, "
-                "their messages stay pending",
-                self.group,
-                self.consumer,
-                self.policy.drain_timeout,
-            )
-            work_scope.cancel()
-            with anyio.move_on_after(self.policy.ack_timeout):
-                await workers_done.wait()
-        unsent = await self._acks.close(self.policy.ack_timeout)
-        if unsent:
-            logger.warning(
-                "%s/%s: %d acknowledgements could not be sent; those messages stay pending",
-                self.group,
-                self.consumer,
-                unsent,
-            )
 
     # ------------------------------------------------------------------ intake
-
-    async def _intake(self, scope: anyio.CancelScope) -> None:
-        with scope:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._read_loop)
-                tg.start_soon(self._reclaim_loop)
-                if self.policy.consumer_idle is not None:
-                    tg.start_soon(self._hygiene_loop, self.policy.consumer_idle)
 
     def _dispatch(
         self, credits: Reservation, message_id: bytes, fields: dict[bytes, bytes], deliveries: int
     ) -> bool:
-        """Hand one delivered entry to the workers; False if it was left pending."""
-        assert self._send is not None
-        if self._stopping:
-            # A read that completed just as shutdown began: the entry stays in this
-            # consumer's pending list and is reclaimed after claim_idle.
-            return False
-        text_id = message_id.decode()
-        if text_id in self._buffered or text_id in self._handling:
-            # Held here already (renewals lagged behind a paused event loop, say): never
-            # hand it out a second time.
-            return False
-        if not credits.take():
-            # More entries than asked for: cannot happen with a server that honours
-            # COUNT; the entry stays pending rather than overflow the buffer.
-            logger.warning("%s/%s: unrequested entry %s", self.group, self.consumer, text_id)
-            return False
-        self._buffered.add(text_id)
-        # Cannot block: the buffer has max_in_flight slots and every message in it holds
-        # one of the window's max_in_flight credits.
-        self._send.send_nowait(StreamMessage(text_id, fields, deliveries, self._serializer))
-        return True
-
-    def _taken(self, message: StreamMessage) -> None:
-        """``message`` left the buffer for the user's own loop (messages() mode)."""
-        self._buffered.discard(message.id)
-        self._window.settle()
-        if message.deliveries > 1:
-            self._counts.retried += 1
+        """Hand one delivered entry to the workers; False if it was left pending (it is
+        reclaimed after claim_idle)."""
+        message = StreamMessage(message_id.decode(), fields, deliveries, self._serializer)
+        return self._pool.dispatch(credits, message)
 
     async def _ensure_group(self, cause: BaseException) -> None:
         async with self._group_lock:
@@ -908,7 +826,9 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
             failure: RedisPatternsError | None = None
             # Room for COUNT messages is reserved before asking: whatever the reclaim
             # loop takes meanwhile, this read's reply fits.
-            async with self._window.reserve(policy.batch_size, at_least=self._worthwhile) as room:
+            async with self._pool.window.reserve(
+                policy.batch_size, at_least=self._worthwhile
+            ) as room:
                 try:
                     reply = await execute_blocking(
                         self._client,
@@ -962,7 +882,9 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
             if cursor == _NO_PENDING:
                 await anyio.sleep(policy.reclaim_every)
             failure: RedisPatternsError | None = None
-            async with self._window.reserve(policy.batch_size, at_least=self._worthwhile) as room:
+            async with self._pool.window.reserve(
+                policy.batch_size, at_least=self._worthwhile
+            ) as room:
                 try:
                     cursor, claimed, dead = await _r.reclaim(
                         self._client,
@@ -999,43 +921,22 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
                 self.policy.max_deliveries,
             )
 
-    async def _refresh_loop(self, scope: anyio.CancelScope) -> None:
-        # The lease renewal of held messages: without it their idle time would count
-        # from delivery, and once past claim_idle the reclaim (ours or another
-        # consumer's) would claim them again while they wait here, each claim counting
-        # a delivery towards max_deliveries.
-        period = max(self.policy.claim_idle / 3, 0.01)
-        backoff = self._new_backoff()
-        with scope:
-            while True:
-                await anyio.sleep(period)
-                while True:
-                    held = [*self._buffered, *self._handling]
-                    if not held:
-                        break
-                    try:
-                        renewed = await _r.refresh(
-                            self._client,
-                            self.key,
-                            group=self.group,
-                            consumer=self.consumer,
-                            ids=held,
-                        )
-                    except CommandError as exc:
-                        if not _r.is_nogroup(exc):
-                            raise
-                        # The group is gone, and with it what we held; the read loop
-                        # re-creates it.
-                        break
-                    except (ConnectionFailed, CommandTimeout) as exc:
-                        logger.warning(
-                            "%s/%s: renewal failed, retrying: %s", self.group, self.consumer, exc
-                        )
-                        await backoff.sleep()
-                    else:
-                        backoff.reset()
-                        self._counts.refreshed += renewed
-                        break
+    async def _refresh(self, held: list[str]) -> int:
+        # The lease renewal of held messages (the pool calls it every claim_idle / 3):
+        # without it their idle time would count from delivery, and once past
+        # claim_idle the reclaim (ours or another consumer's) would claim them again
+        # while they wait here, each claim counting a delivery towards max_deliveries.
+        if not held:
+            return 0
+        try:
+            return await _r.refresh(
+                self._client, self.key, group=self.group, consumer=self.consumer, ids=held
+            )
+        except CommandError as exc:
+            if not _r.is_nogroup(exc):
+                raise
+            # The group is gone, and with it what we held; the read loop re-creates it.
+            return 0
 
     async def _hygiene_loop(self, consumer_idle: float) -> None:
         min_idle_ms = max(1, int(consumer_idle * 1000))
@@ -1058,63 +959,7 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
                     logger.info("%s: removed idle consumers %s", self.group, removed)
             await anyio.sleep(interval)
 
-    # ------------------------------------------------------------------ workers
-
-    async def _work(
-        self,
-        handler: Handler,
-        receive: MemoryObjectReceiveStream[StreamMessage],
-        scope: anyio.CancelScope,
-        done: anyio.Event,
-    ) -> None:
-        # Shielded: cancelling the group must not interrupt running handlers; _shutdown
-        # cancels this scope itself once drain_timeout has passed.
-        try:
-            with scope:
-                async with anyio.create_task_group() as tg:
-                    for _ in range(self.policy.concurrency):
-                        tg.start_soon(self._worker, handler, receive)
-        finally:
-            done.set()
-
-    async def _worker(
-        self, handler: Handler, receive: MemoryObjectReceiveStream[StreamMessage]
-    ) -> None:
-        counts = self._counts
-        window = self._window
-        buffered = self._buffered
-        handling = self._handling
-        while True:
-            # Take what is already buffered without a checkpoint per message (the
-            # buffer is bounded, so this cannot starve the reader for long).
-            try:
-                message = receive.receive_nowait()
-            except anyio.WouldBlock:
-                try:
-                    message = await receive.receive()
-                except (anyio.EndOfStream, anyio.ClosedResourceError):
-                    return
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                return
-            message_id = message.id
-            buffered.discard(message_id)
-            if self._stopping:
-                window.settle()
-                return
-            handling.add(message_id)
-            try:
-                if message.deliveries > 1:
-                    counts.retried += 1
-                await handler(message)
-            except Exception as exc:
-                counts.failed += 1
-                await self._failed(message, exc)
-            else:
-                counts.processed += 1
-                self._acks.add((message_id,))
-            finally:
-                handling.discard(message_id)
-                window.settle()
+    # ------------------------------------------------------------------ failures
 
     async def _failed(self, message: StreamMessage, exc: Exception) -> None:
         if message.deliveries < self.policy.max_deliveries:
@@ -1167,32 +1012,3 @@ class ConsumerGroup(anyio.AsyncContextManagerMixin):
                 return
             raise
         self._counts.acked += int(acked)
-
-
-class _MessageIterator:
-    """The iterator :meth:`ConsumerGroup.messages` returns (not a generator: no aclose)."""
-
-    __slots__ = ("_group", "_receive")
-
-    def __init__(
-        self, group: ConsumerGroup, receive: MemoryObjectReceiveStream[StreamMessage]
-    ) -> None:
-        self._group = group
-        self._receive = receive
-
-    def __aiter__(self) -> _MessageIterator:
-        return self
-
-    async def __anext__(self) -> StreamMessage:
-        group = self._group
-        if group._stopping:
-            raise StopAsyncIteration
-        try:
-            message = await self._receive.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            raise StopAsyncIteration from None
-        group._taken(message)
-        if group._stopping:
-            # Shutdown began while this was being taken: it stays pending.
-            raise StopAsyncIteration
-        return message

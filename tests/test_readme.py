@@ -39,6 +39,7 @@ EXPECTED_OUTPUT = {
     "locks-with-fencing-tokens": "written with fencing token",
     "rate-limiting": "request 6: allowed=False",
     "streams-a-worker-pool-on-a-consumer-group": "processed=100",
+    "job-queues": "first: ceo@example.com",
     "pub-sub": "user:7 signed in",
     "counters-and-unique-counts": "views in the last hour: 5",
     "leaderboards": "#2 dave 8420",

@@ -10,7 +10,16 @@ from typing import Any
 
 # The client libraries and the competitors whose versions every output records.
 CLIENT_LIBRARIES = ("redis", "hiredis", "aioredispatterns", "anyio", "orjson", "uvloop")
-COMPETITORS = ("broadcaster", "cashews", "aiocache", "limits", "coredis", "faststream")
+COMPETITORS = (
+    "broadcaster",
+    "cashews",
+    "aiocache",
+    "limits",
+    "coredis",
+    "faststream",
+    "saq",
+    "bullmq",
+)
 
 
 def version_of(distribution: str) -> str | None:
