@@ -56,11 +56,13 @@ _REFRESH_NODE_TIMEOUT = 1.0
 # The retry budget for TRYAGAIN / CLUSTERDOWN when the client has no socket_timeout.
 _DEFAULT_BUDGET = 5.0
 
-# Commands with no key: any node can answer them.
+# Commands with no key: any node can answer them. (PUBLISH is not one of them: any node
+# would relay it, but one publisher's messages must all go through one node to keep their
+# order, so it is routed by its channel's slot like a key.)
 _KEYLESS = frozenset(
     {
         "PING", "ECHO", "INFO", "HELLO", "COMMAND", "TIME", "SCRIPT", "FUNCTION", "CLUSTER",
-        "CLIENT", "ACL", "CONFIG", "DBSIZE", "LASTSAVE", "PUBLISH", "PUBSUB", "MEMORY DOCTOR",
+        "CLIENT", "ACL", "CONFIG", "DBSIZE", "LASTSAVE", "PUBSUB", "MEMORY DOCTOR",
         "LATENCY", "SLOWLOG", "READONLY", "READWRITE", "RANDOMKEY", "WAIT", "WAITAOF",
     }
 )  # fmt: skip

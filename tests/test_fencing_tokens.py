@@ -24,7 +24,7 @@ from aioredispatterns import (
     fenced_set,
 )
 from aioredispatterns.lock import _FENCED_SET
-from aioredispatterns.testing import free_port
+from aioredispatterns.testing import free_port, key_count
 
 MAX_TOKEN = 2**64 - 1
 
@@ -82,7 +82,7 @@ async def test_nothing_is_written_for_bad_input(redis_client: Any, key_prefix: s
             await fenced_set(redis_client, "r", b"v", token, prefix=key_prefix)
     with pytest.raises(ConfigurationError):
         await fenced_set(redis_client, "r", None, 1, prefix=key_prefix)  # type: ignore[arg-type]
-    assert await redis_client.dbsize() == 0
+    assert await key_count(redis_client) == 0
 
 
 # --- exact comparison over the whole range ------------------------------------------------

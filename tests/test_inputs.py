@@ -29,6 +29,12 @@ from aioredispatterns._validate import (
     check_seconds,
 )
 
+
+async def _keys(client: Redis, prefix: str) -> list[bytes]:
+    # SCAN, not KEYS: a cluster client sends KEYS to one node, SCAN to every primary.
+    return [key async for key in client.scan_iter(match=f"{prefix}*")]
+
+
 NOT_FINITE = [math.nan, math.inf, -math.inf]
 
 
@@ -141,7 +147,7 @@ async def test_cache_keys(redis_client: Redis, key_prefix: str, key: object) -> 
             await cache.get(key)  # type: ignore[arg-type]
         with pytest.raises(InvalidKeyError):
             await cache.set(key, 1)  # type: ignore[arg-type]
-    assert await redis_client.keys(f"{key_prefix}*") == []
+    assert await _keys(redis_client, key_prefix) == []
 
 
 async def test_cache_key_limit_is_configurable(redis_client: Redis, key_prefix: str) -> None:
@@ -253,4 +259,4 @@ async def test_lock_acquire_timeout(redis_client: Redis, key_prefix: str, bad: o
 
     with pytest.raises(ConfigurationError):
         await Lock(redis_client, "l", prefix=key_prefix).acquire(timeout=bad)  # type: ignore[arg-type]
-    assert await redis_client.keys(f"{key_prefix}*") == []
+    assert await _keys(redis_client, key_prefix) == []

@@ -24,7 +24,13 @@ from aioredispatterns import (
     fenced_get,
     fenced_set,
 )
-from aioredispatterns.testing import RedisServer, borrowed_connections, start_replica_pair
+from aioredispatterns.testing import (
+    RedisServer,
+    borrowed_connections,
+    key_count,
+    on_every_node,
+    start_replica_pair,
+)
 
 
 def _one_kind(redis_server: Any) -> None:
@@ -199,7 +205,7 @@ async def test_bad_arguments_fail_before_any_command(redis_client: Redis) -> Non
         await lock.acquire(timeout=float("nan"))
     with pytest.raises(ConfigurationError):
         await fenced_set(redis_client, "r", b"v", -1)
-    assert await redis_client.dbsize() == 0
+    assert await key_count(redis_client) == 0
 
 
 # ----------------------------------------------------------------------- renewal / loss
@@ -264,9 +270,10 @@ async def test_lost_lease_cancels_the_body_and_its_late_write_is_rejected(
         async with anyio.create_task_group() as tg:
             tg.start_soon(holder)
             await inside.wait()
-            # Nothing answers for 1.5 s: the holder's renewals hang past its TTL.
+            # Nothing answers for 1.5 s (no node of a cluster): the holder's renewals hang
+            # past its TTL.
             paused_at = anyio.current_time()
-            await pauser.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+            await on_every_node(pauser, "CLIENT", "PAUSE", "1500", "ALL")
             b_lease = await Lock(redis_client, "job", ttl=5, prefix=key_prefix).acquire(timeout=5)
     finally:
         await pauser.aclose()
@@ -510,8 +517,9 @@ async def test_a_renewal_denied_by_the_acl_is_not_retried(
         pytest.skip("creates an ACL user: needs a server this suite started")
     caplog.set_level(logging.WARNING, logger="aioredispatterns.lock")
     user, password = f"renew-{key_prefix}", uuid.uuid4().hex
-    await redis_client.execute_command(
-        "ACL", "SETUSER", user, "reset", "on", f">{password}", f"~{key_prefix}:*",
+    # ACL users are per node: a cluster gets the same user on every node.
+    await on_every_node(
+        redis_client, "ACL", "SETUSER", user, "reset", "on", f">{password}", f"~{key_prefix}:*",
         "resetchannels", f"&{key_prefix}:*", "+@all", "-@dangerous",
     )  # fmt: skip
     limited = connect(redis_server.url, username=user, password=password)
@@ -520,15 +528,15 @@ async def test_a_renewal_denied_by_the_acl_is_not_retried(
         with pytest.raises(LockLost):  # noqa: PT012 - the async with raises it
             async with lock as lease:
                 # An operator takes the key rights away while the lease is held.
-                await redis_client.execute_command("ACL", "LOG", "RESET")
-                await redis_client.execute_command("ACL", "SETUSER", user, "resetkeys")
+                await on_every_node(redis_client, "ACL", "LOG", "RESET")
+                await on_every_node(redis_client, "ACL", "SETUSER", user, "resetkeys")
                 with anyio.fail_after(5):
                     await lease.lost.wait()
-        log = await redis_client.acl_log()
-        denied = [e for e in log if e["username"] == user and e["reason"] == "key"]
+        logs = await on_every_node(redis_client, "ACL LOG")
+        denied = [e for log in logs for e in log if e["username"] == user and e["reason"] == "key"]
     finally:
         await limited.aclose()
-        await redis_client.execute_command("ACL", "DELUSER", user)
+        await on_every_node(redis_client, "ACL", "DELUSER", user)
     # One denied renewal and one denied release, not a retry every 50 ms until the
     # validity ran out.
     assert sum(int(str(e["count"])) for e in denied) <= 2, denied

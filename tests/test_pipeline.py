@@ -29,7 +29,12 @@ from aioredispatterns import (
 from aioredispatterns._commands import execute, execute_blocking
 from aioredispatterns._connection import state_of
 from aioredispatterns._scripts import Script
-from aioredispatterns.testing import RedisServer, borrowed_connections
+from aioredispatterns.testing import (
+    RedisServer,
+    borrowed_connections,
+    node_clients,
+    on_every_node,
+)
 
 INCR_AND_GET = Script(
     name="test_incr_and_get",
@@ -98,6 +103,10 @@ async def test_concurrent_mixed_commands_match_sequential_execution(
     assert stats.connection_errors == 0
 
 
+@pytest.mark.standalone_only(
+    reason="pauses one server and kills its pipeline connection (a cluster node's failure "
+    "failing only its own callers is tests/test_cluster_faults.py)"
+)
 async def test_killed_connection_fails_only_its_batch(
     redis_client: Redis, plain: Redis, key_prefix: str, redis_server: RedisServer
 ) -> None:
@@ -190,14 +199,16 @@ async def test_noscript_inside_a_batch_reloads_and_retries_only_those_calls(
     redis_client: Redis, key_prefix: str
 ) -> None:
     keys = [f"{key_prefix}:s{i}" for i in range(100)]
-    await redis_client.script_flush()
+    await on_every_node(redis_client, "SCRIPT", "FLUSH")
     replies = await asyncio.gather(
         *(INCR_AND_GET.run(redis_client, [key]) for key in keys),
         *(execute(redis_client, "SET", f"{key}:plain", 1) for key in keys),
     )
     assert replies[:100] == [b"1"] * 100
     assert all(replies[100:])
-    assert (await redis_client.script_exists(INCR_AND_GET.sha))[0]
+    # Loaded again (on a cluster, on every primary: the 100 keys spread over all of them).
+    loaded = await on_every_node(redis_client, "SCRIPT", "EXISTS", INCR_AND_GET.sha)
+    assert all(int(reply[0]) for reply in loaded)
 
 
 async def test_error_reply_fails_only_its_caller(redis_client: Redis, key_prefix: str) -> None:
@@ -248,6 +259,7 @@ async def test_response_callbacks_match_redis_py(redis_client: Redis, key_prefix
     assert await execute(redis_client, "EXISTS", key) == 1
 
 
+@pytest.mark.standalone_only(reason="restarts a server of its own")
 async def test_server_restart_between_batches_reconnects(redis_server: RedisServer) -> None:
     """A connection the server closed while idle is replaced before anything is written
     to it, whether one caller comes next or a crowd that would be written mid-iteration."""
@@ -272,6 +284,7 @@ async def test_server_restart_between_batches_reconnects(redis_server: RedisServ
             await client.aclose()
 
 
+@pytest.mark.standalone_only(reason="stops (SIGSTOP) a server of its own")
 async def test_a_stalled_server_fails_every_caller_within_the_socket_timeout(
     redis_server: RedisServer,
 ) -> None:
@@ -309,9 +322,12 @@ async def test_writes_take_the_direct_stream_path(redis_client: Redis) -> None:
     from aioredispatterns._transport import open_stream_writer
 
     assert await execute(redis_client, "PING") is True
-    pipeline = state_of(redis_client).pipeline
-    assert pipeline is not None
-    assert open_stream_writer(pipeline.kept_connection) is not None
+    # On a cluster: the pipelines of the nodes that carried a command (the PING's node).
+    pipelines = [state_of(node).pipeline for node in node_clients(redis_client)]
+    kept = [p.kept_connection for p in pipelines if p is not None and p.kept_connection]
+    assert kept
+    for connection in kept:
+        assert open_stream_writer(connection) is not None
 
 
 async def test_a_long_iteration_is_written_in_chunks_as_it_queues(
@@ -339,9 +355,11 @@ async def test_no_connection_leaks_after_cancellations(redis_url: str) -> None:
                 for index in range(500):
                     tg.start_soon(execute, client, "SET", f"leak:{index}", index)
         await execute(client, "PING")
-        # One connection carries the pipeline; nothing else is held.
+        # One connection carries the pipeline (on a cluster, one per node that got a
+        # command); nothing else is held.
         assert borrowed_connections(client) == []
-        assert len(client.connection_pool._in_use_connections) == 1  # type: ignore[attr-defined]
+        in_use = [len(n.connection_pool._in_use_connections) for n in node_clients(client)]  # type: ignore[attr-defined]
+        assert max(in_use) == 1
     finally:
         await client.aclose()
 

@@ -13,6 +13,7 @@ import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.asyncio import Redis
 
 from aioredispatterns import (
     ConfigurationError,
@@ -22,6 +23,7 @@ from aioredispatterns import (
     connect,
     server_info,
 )
+from aioredispatterns._connection import is_cluster
 from aioredispatterns.pubsub import (
     Broadcast,
     BufferPolicy,
@@ -34,7 +36,12 @@ from aioredispatterns.pubsub import (
     publish,
     subscribe,
 )
-from aioredispatterns.testing import RedisServer, borrowed_connections
+from aioredispatterns.testing import (
+    RedisServer,
+    borrowed_connections,
+    on_every_node,
+    subscriber_count,
+)
 
 FAST_RECONNECT = ReconnectPolicy(initial_delay=0.02, max_delay=0.2)
 
@@ -44,8 +51,15 @@ def _channel() -> str:
 
 
 async def _numsub(client: Any, channel: str) -> int:
-    reply = await client.execute_command("PUBSUB", "NUMSUB", channel)
-    return int(reply[1])
+    # On a cluster a plain subscription lives on one node: summed over every node.
+    return await subscriber_count(client, channel)
+
+
+def _receivers(client: Any, subscribers: int) -> range | tuple[int]:
+    """What publish() may return with ``subscribers`` subscribed: exactly that many on one
+    server; on a cluster PUBLISH counts the subscribers of the node it went to only (as
+    documented), so anything up to that many."""
+    return range(subscribers + 1) if is_cluster(client) else (subscribers,)
 
 
 async def _poll(done: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
@@ -83,12 +97,25 @@ async def _next(messages: Subscription, seconds: float = 5.0) -> Message | Gap:
 
 
 async def _publish_many(client: Any, channel: str, payloads: list[bytes]) -> None:
-    """Publish fast from a plain pipeline (the subscriber reads meanwhile)."""
-    for start in range(0, len(payloads), 2000):
-        pipe = client.pipeline(transaction=False)
-        for payload in payloads[start : start + 2000]:
-            pipe.publish(channel, payload)
-        await pipe.execute()
+    """Publish fast from a plain pipeline (the subscriber reads meanwhile), in order.
+
+    On a cluster, through one node (a cluster pipeline refuses PUBLISH): every node
+    forwards what it is published to every other node, in the order it received it.
+    """
+    node_client = None
+    if is_cluster(client):
+        await client.initialize()
+        node = client.get_primaries()[0]
+        client = node_client = Redis(host=node.host, port=node.port)
+    try:
+        for start in range(0, len(payloads), 2000):
+            pipe = client.pipeline(transaction=False)
+            for payload in payloads[start : start + 2000]:
+                pipe.publish(channel, payload)
+            await pipe.execute()
+    finally:
+        if node_client is not None:
+            await node_client.aclose()
 
 
 # --------------------------------------------------------------------------- basics
@@ -97,8 +124,10 @@ async def _publish_many(client: Any, channel: str, payloads: list[bytes]) -> Non
 async def test_messages_arrive_typed_and_decoded(redis_client: Any) -> None:
     channel = _channel()
     async with subscribe(redis_client, channel, patterns=[f"{channel}.*"]) as messages:
-        assert await publish(redis_client, channel, {"id": 1, "tags": ["a"]}) == 1
-        assert await publish(redis_client, f"{channel}.x", [1, 2]) == 1
+        assert await publish(redis_client, channel, {"id": 1, "tags": ["a"]}) in _receivers(
+            redis_client, 1
+        )
+        assert await publish(redis_client, f"{channel}.x", [1, 2]) in _receivers(redis_client, 1)
         first = await _next(messages)
         second = await _next(messages)
     assert first == Message(channel=channel, payload={"id": 1, "tags": ["a"]})
@@ -117,7 +146,8 @@ async def test_entering_waits_for_confirmation_so_nothing_published_after_is_los
     channels = [_channel() for _ in range(5)]
     async with subscribe(redis_client, *channels, serializer=RawSerializer()) as messages:
         for channel in channels:  # no sleep: the subscription is already confirmed
-            assert await publish(redis_client, channel, b"x", serializer=RawSerializer()) == 1
+            receivers = await publish(redis_client, channel, b"x", serializer=RawSerializer())
+            assert receivers in _receivers(redis_client, 1)
         got = {(await _next(messages)).channel for _ in channels}  # type: ignore[union-attr]
     assert got == set(channels)
 
@@ -125,11 +155,22 @@ async def test_entering_waits_for_confirmation_so_nothing_published_after_is_los
 async def test_undecodable_payload_raises_and_the_subscription_continues(redis_client: Any) -> None:
     channel = _channel()
     async with subscribe(redis_client, channel) as messages:
+        # One at a time: on a cluster two publishes may reach the subscriber out of order.
         await redis_client.publish(channel, b"\xff not json")
-        await publish(redis_client, channel, "fine")
         with pytest.raises(SerializationError):
             await _next(messages)
+        await publish(redis_client, channel, "fine")
         assert await _next(messages) == Message(channel, "fine")
+
+
+async def test_one_publishers_messages_arrive_in_the_order_published(redis_client: Any) -> None:
+    channel = _channel()
+    payloads = _payloads(300)
+    async with subscribe(redis_client, channel, serializer=RawSerializer()) as messages:
+        for payload in payloads:
+            await publish(redis_client, channel, payload, serializer=RawSerializer())
+        got = [(await _next(messages)).payload for _ in payloads]  # type: ignore[union-attr]
+    assert got == payloads
 
 
 async def test_sharded_uses_ssubscribe_where_the_server_has_it(redis_client: Any) -> None:
@@ -140,8 +181,7 @@ async def test_sharded_uses_ssubscribe_where_the_server_has_it(redis_client: Any
         assert await publish(redis_client, channel, "hello", sharded=True) == 1
         received = await _next(messages)
         if info.sharded_pubsub:
-            reply = await redis_client.execute_command("PUBSUB", "SHARDNUMSUB", channel)
-            assert int(reply[1]) == 1
+            assert await subscriber_count(redis_client, channel, sharded=True) == 1
             assert await _numsub(redis_client, channel) == 0  # not a plain subscription
     assert received == Message(channel, "hello", None, info.sharded_pubsub)
 
@@ -191,7 +231,7 @@ async def test_unanswered_health_check_reconnects_and_reports_a_gap(redis_client
     async with subscribe(
         redis_client, channel, health_check_interval=0.1, reconnect=FAST_RECONNECT
     ) as messages:
-        await redis_client.execute_command("CLIENT", "PAUSE", "700", "ALL")
+        await on_every_node(redis_client, "CLIENT", "PAUSE", "700", "ALL")
         gap = await _next(messages, seconds=10)
         assert isinstance(gap, Gap)
         await publish(redis_client, channel, "after")
@@ -549,7 +589,7 @@ async def test_broadcast_fans_out_over_one_connection(redis_client: Any) -> None
             await _poll(_true_when(lambda: entered == 20))
             assert _in_use(redis_client) == in_use_before + 1
             assert await _numsub(redis_client, channel) == 1  # one server subscription
-            assert await hub.publish(channel, {"n": 1}) == 1
+            assert await hub.publish(channel, {"n": 1}) in _receivers(redis_client, 1)
             for sub in subscriptions:
                 assert await _next(sub) == Message(channel, {"n": 1})
             done.set()
@@ -567,7 +607,7 @@ async def test_last_local_unsubscribe_unsubscribes_on_the_server(redis_client: A
                 assert await _numsub(redis_client, other) == 1
             # ``second`` left: ``other`` and its pattern go, ``channel`` stays for ``first``.
             assert await _wait_numsub(redis_client, other, 0) == 0
-            assert await redis_client.execute_command("PUBSUB", "NUMPAT") == 0
+            assert sum(await on_every_node(redis_client, "PUBSUB", "NUMPAT")) == 0
             assert await _numsub(redis_client, channel) == 1
             await hub.publish(channel, "still here")
             assert await _next(first) == Message(channel, "still here")
@@ -643,11 +683,12 @@ async def test_broadcast_decodes_once_and_reports_bad_payloads_to_each_subscribe
         hub.subscribe(channel) as first,
         hub.subscribe(channel) as second,
     ):
+        # One at a time: on a cluster two publishes may reach the hub out of order.
         await redis_client.publish(channel, b"{not json")
-        await hub.publish(channel, {"k": [1]})
         for sub in (first, second):
             with pytest.raises(SerializationError):
                 await _next(sub)
+        await hub.publish(channel, {"k": [1]})
         one, two = await _next(first), await _next(second)
         assert one == two == Message(channel, {"k": [1]})
         assert one.payload is two.payload  # type: ignore[union-attr]

@@ -283,3 +283,24 @@ async def test_the_refusal_says_why_when_no_server_answers() -> None:
             await Redlock([client], "r", ttl=1).acquire(blocking=False)
     finally:
         await client.aclose()
+
+
+async def test_a_redlock_of_one_deployment_locks_renews_and_fences(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """Redlock over the matrix server alone (a cluster is one instance, quorum 1): the
+    five-server behaviour above runs on valkey-9.1 only."""
+    owner_key = f"{key_prefix}:lock:{{job}}:owner"
+    redlock = Redlock([redis_client], "job", ttl=1, prefix=key_prefix)
+    assert redlock.quorum == 1
+    async with redlock as lease:
+        with pytest.raises(LockNotAcquired):
+            await Redlock([redis_client], "job", ttl=5, prefix=key_prefix).acquire(blocking=False)
+        await anyio.sleep(1.5)  # past the TTL: only the renewals (every ttl / 3) keep it
+        assert lease.held
+        assert await redis_client.exists(owner_key) == 1
+        first = lease.token
+    assert await redis_client.exists(owner_key) == 0
+    second = await redlock.acquire()
+    assert second.token > first
+    await second.release()
