@@ -13,6 +13,7 @@ A test that fails on a cluster because of a known library bug carries
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -37,14 +38,36 @@ def pytest_configure(config: pytest.Config) -> None:
         "xfail_on_cluster(reason): a known library bug fails the test on a cluster (the "
         "cluster kind, or an external cluster URL): a strict xfail there",
     )
+    config.addinivalue_line(
+        "markers",
+        "budget_kinds(*kinds): in a run over every server kind (no --redis-servers), this "
+        "slow or heavily parametrized test runs on these kinds only; it still runs on any "
+        "kind named with --redis-servers / ARP_REDIS_SERVERS",
+    )
+
+
+def _kind_of(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    kind = callspec.params.get("redis_server") if callspec is not None else None
+    return kind if isinstance(kind, str) else None
 
 
 # tryfirst: the plugin turns the standalone_only mark into a skip in its own (trylast) hook.
 @pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     from aioredispatterns.testing import _runs_on_cluster  # the kind, or a cluster URL
 
+    # The suite must finish within CI's 20 minutes on 2 shared cores: in a run over every
+    # kind, tests marked budget_kinds skip the others (they are named on the command line
+    # to run there).
+    chosen = config.getoption("redis_servers", None) or os.environ.get("ARP_REDIS_SERVERS")
     for item in items:
+        budget = item.get_closest_marker("budget_kinds")
+        kind = _kind_of(item)
+        if budget is not None and not chosen and kind is not None and kind not in budget.args:
+            item.add_marker(
+                pytest.mark.skip(reason=f"CI budget: runs on {', '.join(budget.args)} only")
+            )
         for name, reason in _ONE_PROCESS_FIXTURES.items():
             uses = name in getattr(item, "fixturenames", ())
             if uses and not item.get_closest_marker("standalone_only"):

@@ -40,6 +40,9 @@ HLL_TOLERANCE = 0.02
 MAX_READ_BUCKETS = 100_000
 MAX_UNIQUE_BUCKETS = 1024
 
+# CI budget: the other kinds run with --redis-servers (see tests/conftest.py).
+pytestmark = pytest.mark.budget_kinds("valkey-9.1", "redis-6.2", "cluster")
+
 
 async def server_ms(client: Any) -> int:
     seconds, micros = await client.time()

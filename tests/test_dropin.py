@@ -18,9 +18,12 @@ from aioredispatterns._client import AutoPipelinedRedis
 from aioredispatterns._connection import state_of
 from aioredispatterns.testing import FaultProxy, RedisServer, borrowed_connections
 
-pytestmark = pytest.mark.standalone_only(
-    reason="the standalone drop-in (the cluster one runs on the harness's own cluster, below)"
-)
+pytestmark = [
+    pytest.mark.standalone_only(
+        reason="the standalone drop-in (the cluster one runs on the harness's own cluster, below)"
+    ),
+    pytest.mark.budget_kinds("valkey-9.1", "redis-6.2"),
+]
 
 
 @pytest.fixture

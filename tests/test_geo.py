@@ -52,6 +52,9 @@ CITIES = {
 }
 UNITS = {"m": 1.0, "km": 1000.0, "mi": 1609.34, "ft": 0.3048}
 
+# CI budget: the other kinds run with --redis-servers (see tests/conftest.py).
+pytestmark = pytest.mark.budget_kinds("valkey-9.1", "redis-6.2", "cluster")
+
 
 def haversine(a: tuple[float, float], b: tuple[float, float]) -> float:
     """Great-circle distance in metres on the server's sphere."""

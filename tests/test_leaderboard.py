@@ -19,6 +19,9 @@ from aioredispatterns._connection import is_cluster
 from aioredispatterns.leaderboard import Leaderboard, LeaderboardEntry, LeaderboardStats
 from aioredispatterns.testing import borrowed_connections
 
+# CI budget: the other kinds run with --redis-servers (see tests/conftest.py).
+pytestmark = pytest.mark.budget_kinds("valkey-9.1", "redis-6.2", "cluster")
+
 
 def _key(prefix: str, name: str) -> str:
     return f"{prefix}:leaderboard:{{{name}}}:scores"

@@ -17,7 +17,7 @@ from aioredispatterns import CommandTimeout, connect
 from aioredispatterns._commands import execute
 from aioredispatterns.testing import RedisServer, borrowed_connections
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.budget_kinds("valkey-9.1", "redis-6.2")]
 
 
 def _pause(server: RedisServer) -> None:

@@ -29,6 +29,9 @@ VISIBILITY = 1.5
 HANDLER_SECONDS = 0.02  # a little work, so each worker has many jobs in flight
 CONCURRENCY = 16
 
+# CI budget: the other kinds run with --redis-servers (see tests/conftest.py).
+pytestmark = pytest.mark.budget_kinds("valkey-9.1", "cluster")
+
 
 def completions(client: Any, prefix: str, consumer: str) -> ListQueue:
     """Where a worker records each job it completed (before the acknowledgement)."""

@@ -42,6 +42,9 @@ FAST = QueuePolicy(
     ack_timeout=2.0,
 )
 
+# CI budget: the other kinds run with --redis-servers (see tests/conftest.py).
+pytestmark = pytest.mark.budget_kinds("valkey-9.1", "redis-6.2", "cluster")
+
 
 def fast(**changes: Any) -> QueuePolicy:
     fields = {

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -41,6 +42,9 @@ T = TypeVar("T")
 MEMBERS = st.sampled_from(["a", "ab", "b", "B", "é", "zz", "Ω", "a b"])
 SCORES = st.integers(-6, 6).map(lambda n: n / 2)
 ONLY_IF = st.sampled_from([None, "higher", "lower", "better"])
+
+# CI budget: the other kinds run with --redis-servers (see tests/conftest.py).
+pytestmark = pytest.mark.budget_kinds("valkey-9.1", "cluster")
 
 
 class BoardModel:

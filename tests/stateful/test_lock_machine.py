@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -35,6 +36,9 @@ T = TypeVar("T")
 TTL = 0.05
 CLIENTS = 3
 SLACK = 0.005  # PX is whole milliseconds
+
+# CI budget: the other kinds run with --redis-servers (see tests/conftest.py).
+pytestmark = pytest.mark.budget_kinds("valkey-9.1", "cluster")
 
 
 def _machine(url: str) -> type[RuleBasedStateMachine]:

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -59,6 +60,9 @@ for i = 1, #KEYS do
 end
 return out
 """
+
+# CI budget: the other kinds run with --redis-servers (see tests/conftest.py).
+pytestmark = pytest.mark.budget_kinds("valkey-9.1", "cluster")
 
 
 def _text(value: Any) -> str:
