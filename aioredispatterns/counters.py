@@ -168,7 +168,31 @@ def _ttl_ms(ttl: float | None) -> int | None:
     return max(1, round(check_seconds("ttl", ttl) * 1000))
 
 
-class Counter:
+class _OneKey:
+    """What Counter and HashCounter share: one key under its hash tag, an optional TTL."""
+
+    __slots__ = ("_client", "_key", "_ttl_ms", "name", "ttl")
+    _PRIMITIVE = ""
+
+    def __init__(
+        self,
+        client: AnyRedis,
+        name: KeyT,
+        *,
+        ttl: float | None = None,
+        prefix: str = DEFAULT_PREFIX,
+    ) -> None:
+        self._client = check_client(client)
+        self._key = keyspace(prefix, self._PRIMITIVE, name).key()
+        self._ttl_ms = _ttl_ms(ttl)
+        self.name: KeyT = name
+        self.ttl: float | None = None if ttl is None else float(ttl)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} ttl={self.ttl}>"
+
+
+class Counter(_OneKey):
     """One counter on one key: increment, decrement, add a float, read, reset.
 
     Args:
@@ -195,24 +219,8 @@ class Counter:
         InvalidKeyError: ``name`` is empty, neither str nor bytes, or too long.
     """
 
-    __slots__ = ("_client", "_key", "_ttl_ms", "name", "ttl")
-
-    def __init__(
-        self,
-        client: AnyRedis,
-        name: KeyT,
-        *,
-        ttl: float | None = None,
-        prefix: str = DEFAULT_PREFIX,
-    ) -> None:
-        self._client = check_client(client)
-        self._key = keyspace(prefix, "counter", name).key()
-        self._ttl_ms = _ttl_ms(ttl)
-        self.name: KeyT = name
-        self.ttl: float | None = None if ttl is None else float(ttl)
-
-    def __repr__(self) -> str:
-        return f"<Counter {self.name!r} ttl={self.ttl}>"
+    __slots__ = ()
+    _PRIMITIVE = "counter"
 
     async def incr(self, amount: int = 1) -> int:
         """Add ``amount`` (an int, may be negative) and return the new value.
@@ -287,7 +295,7 @@ class Counter:
         await execute(self._client, "DEL", self._key)
 
 
-class HashCounter:
+class HashCounter(_OneKey):
     """Many small integer counters in one hash: one field per counter (HINCRBY).
 
     ``HashCounter(client, "user:42").incr("orders")`` is the seed's
@@ -313,24 +321,8 @@ class HashCounter:
         InvalidKeyError: ``name`` is empty, neither str nor bytes, or too long.
     """
 
-    __slots__ = ("_client", "_key", "_ttl_ms", "name", "ttl")
-
-    def __init__(
-        self,
-        client: AnyRedis,
-        name: KeyT,
-        *,
-        ttl: float | None = None,
-        prefix: str = DEFAULT_PREFIX,
-    ) -> None:
-        self._client = check_client(client)
-        self._key = keyspace(prefix, "hashcounter", name).key()
-        self._ttl_ms = _ttl_ms(ttl)
-        self.name: KeyT = name
-        self.ttl: float | None = None if ttl is None else float(ttl)
-
-    def __repr__(self) -> str:
-        return f"<HashCounter {self.name!r} ttl={self.ttl}>"
+    __slots__ = ()
+    _PRIMITIVE = "hashcounter"
 
     async def incr(self, field: str, amount: int = 1) -> int:
         """Add ``amount`` (an int, may be negative) to ``field``; return its new value.
