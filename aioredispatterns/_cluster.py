@@ -200,7 +200,10 @@ class SlotRouter:
 
     async def node_for(self, key: Any | None) -> Redis:
         """The client of the node that serves ``key``'s slot (any primary for None)."""
-        if self._stale:
+        # A stale map is re-read by one caller; while that runs, the others keep using
+        # the map they have (a redirection or a failed node sorts out what changed), so a
+        # refresh slowed by a sick node never holds up callers of the healthy ones.
+        if self._stale and (self._refreshing is None or not self._primaries):
             await self.refresh()
         if key is None:
             return self._any_primary()
