@@ -23,6 +23,7 @@ from .cache import (
     CacheError,
     CachePolicy,
     CacheStats,
+    NearCachePolicy,
     ValueTooLarge,
 )
 from .counters import (
@@ -190,6 +191,7 @@ __all__ = (
     "LockStats",
     "Message",
     "MsgpackSerializer",
+    "NearCachePolicy",
     "PickleSerializer",
     "PipelineStats",
     "PoolTimeout",

@@ -170,6 +170,9 @@ class SlotRouter:
         self._closed = False
         # Nodes whose connection failed lately: asked for the map last.
         self._suspects: set[tuple[str, int]] = set()
+        #: Bumped whenever the map changes (a refresh that moved slots, a MOVED): state
+        #: kept per node elsewhere (a near cache's tracking) checks it to know it is stale.
+        self.epoch = 0
 
     # ------------------------------------------------------------------ nodes
 
@@ -221,6 +224,11 @@ class SlotRouter:
             return self.node(seed_host, seed_port)
         host, _, port = random.choice(self._primaries).rpartition(":")
         return self.node(host, int(port))
+
+    @property
+    def primaries(self) -> list[str]:
+        """``host:port`` of every node that serves slots in the current map."""
+        return list(self._primaries)
 
     def node_name(self, key: Any) -> str | None:
         """``host:port`` of the node the map says serves ``key`` (None if unknown)."""
@@ -296,6 +304,8 @@ class SlotRouter:
         slots: list[str | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
         for slot, (host, port) in owners.items():
             slots[slot] = f"{host}:{port}"
+        if slots != self._slots:
+            self.epoch += 1
         self._slots = slots
         self._primaries = sorted({name for name in slots if name is not None})
         self._stale = False
@@ -304,6 +314,7 @@ class SlotRouter:
     def _moved(self, error: rex.AskError) -> None:
         host, port = error.node_addr
         self._slots[error.slot_id] = f"{host}:{port}"
+        self.epoch += 1
         self._stale = True  # more slots have probably moved with it
 
     # ------------------------------------------------------------------ calls

@@ -40,7 +40,7 @@ from ._cluster import SlotRouter, route_key
 from ._connection import AnyRedis, ClusterClient, is_cluster, node_factory_of, state_of
 from ._pipeline import AutoPipeline, PipelineStats, apply_callback, packer_of
 from ._translate import NoScriptReply, reraise
-from ._transport import checkout, guarded, send
+from ._transport import checkout, guarded, return_invalidations, send
 from .errors import (
     CommandError,
     CommandTimeout,
@@ -66,6 +66,8 @@ __all__ = (
     "execute_script",
     "node_of",
     "pipeline_stats",
+    "primaries",
+    "topology_epoch",
 )
 
 #: One argument of a command, as redis-py's encoder takes it.
@@ -371,6 +373,16 @@ class Dedicated:
         self.socket_timeout: float | None = connection.socket_timeout
 
     @property
+    def protocol(self) -> int:
+        """The RESP version the connection speaks (2 or 3)."""
+        return int(self._connection.protocol or 2)
+
+    def return_invalidations(self) -> bool:
+        """RESP3: have :meth:`read` (``push=True``) return ``invalidate`` pushes (client
+        tracking) instead of dropping them. False when this redis-py cannot."""
+        return return_invalidations(self._connection)
+
+    @property
     def reusable(self) -> bool:
         """Whether the connection is in step (no reply outstanding, nothing failed)."""
         return not self._broken and self._pending == 0
@@ -561,15 +573,46 @@ async def node_of(client: AnyRedis, key: KeyT) -> str | None:
     return router.node_name(key)
 
 
+async def primaries(client: AnyRedis) -> list[str] | None:
+    """``host:port`` of every primary that serves slots (the map is loaded if needed);
+    None on a standalone server.
+
+    Raises:
+        ConnectionFailed: the cluster's slot map could not be loaded.
+    """
+    if not isinstance(client, RedisCluster):
+        return None
+    router = _router_of(client)
+    try:
+        await router.node_for(None)
+    except Exception as exc:
+        reraise(exc)
+    return router.primaries
+
+
+def topology_epoch(client: AnyRedis) -> int:
+    """A number that changes whenever a cluster's slot map changes (0 standalone)."""
+    if not isinstance(client, RedisCluster):
+        return 0
+    router = state_of(client).router
+    return router.epoch if router is not None else 0
+
+
 @asynccontextmanager
 async def dedicated(
-    client: AnyRedis, *, key: KeyT | None = None, reusable: bool = True
+    client: AnyRedis,
+    *,
+    key: KeyT | None = None,
+    node: str | None = None,
+    reusable: bool = True,
 ) -> AsyncIterator[Dedicated]:
     """Check out a connection of one's own for the ``async with`` body.
 
     Args:
         key: on a cluster, the connection goes to the node that owns ``key``'s slot
             (the default node when None); ignored on a standalone server.
+        node: on a cluster, ``host:port`` of the node to connect to (instead of
+            ``key``); ignored on a standalone server.
         reusable: False for a connection that cannot serve anyone else afterwards
             (subscribed mode): it is always closed on release.
 
@@ -585,13 +628,17 @@ async def dedicated(
     try:
         if isinstance(client, RedisCluster):
             router = _router_of(client)
-            node = await router.node_for(key)
+            if node is not None:
+                host, _, port = node.rpartition(":")
+                target = router.node(host, int(port))
+            else:
+                target = await router.node_for(key)
         else:
-            node = client
-        connection = await checkout(node.connection_pool)
+            target = client
+        connection = await checkout(target.connection_pool)
     except Exception as exc:
         reraise(exc)
-    handle = Dedicated(node, connection, router=router, key=key)
+    handle = Dedicated(target, connection, router=router, key=key)
     try:
         yield handle
     finally:

@@ -21,6 +21,9 @@ layer touches, so that a redis-py release that renames one breaks one module:
   the auto-pipeline reads itself, an abort);
 * ``connection._parser`` (which parser the connection uses, and its error table, so that
   replies read without it come out exactly as redis-py would return them);
+* ``connection._parser.set_invalidation_push_handler`` (RESP3 ``invalidate`` pushes are
+  otherwise swallowed by redis-py's parser: a near cache's tracking connection reads them
+  as replies, see :func:`return_invalidations`);
 * ``StreamReader._buffer`` (asyncio's: bytes already read from the socket; redis-py reads
   it the same way to tell a dirty connection).
 
@@ -56,6 +59,7 @@ __all__ = (
     "guarded",
     "hiredis_reader_options",
     "open_stream_writer",
+    "return_invalidations",
     "send",
     "stream_transport",
 )
@@ -116,6 +120,20 @@ def hiredis_reader_options(connection: AbstractConnection) -> dict[str, Any] | N
         options["encoding"] = encoder.encoding
         options["errors"] = encoder.encoding_errors
     return options
+
+
+async def _as_reply(response: Any) -> Any:
+    return response
+
+
+def return_invalidations(connection: AbstractConnection) -> bool:
+    """Make ``connection`` return RESP3 ``invalidate`` pushes from a push read (redis-py
+    hands them to a handler, or drops them). False when the parser has no such hook."""
+    setter = getattr(getattr(connection, "_parser", None), "set_invalidation_push_handler", None)
+    if setter is None:
+        return False
+    setter(_as_reply)
+    return True
 
 
 def abort(connection: AbstractConnection) -> None:

@@ -39,24 +39,37 @@ import math
 import os
 import random
 import string
-import struct
 import sys
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Final, Generic, Literal, ParamSpec, Self, TypeVar, overload
 
 import anyio
 from anyio import AsyncContextManagerMixin
 from anyio.abc import TaskGroup
 
+from ._cache_entry import (
+    HEADER_SIZE,
+    NEGATIVE,
+    NO_VERSION,
+    TOMBSTONE,
+    TOMBSTONE_SLACK_MS,
+    Entry,
+    decode_entry,
+    jittered_ms,
+    pack_header,
+    tombstone,
+)
+from ._cache_flight import Flight, SharedRead
 from ._cache_keys import call_key, function_name
 from ._capabilities import server_info
 from ._commands import execute, execute_blocking, execute_many
 from ._connection import AnyRedis, check_client
 from ._keys import DEFAULT_PREFIX, BoundedMemo, KeySpace, KeyT, check_prefix, keyspace
+from ._near import MISS, NearCachePolicy, NearStore
+from ._near_tracking import Tracking
 from ._scope import background
 from ._scripts import Script, delete_if_equal
 from ._validate import (
@@ -80,6 +93,7 @@ __all__ = (
     "CachePolicy",
     "CacheStats",
     "CachedFunction",
+    "NearCachePolicy",
     "ValueTooLarge",
 )
 
@@ -101,15 +115,6 @@ R = TypeVar("R")
 MiB: Final = 1024 * 1024
 # Redis's own limit for one string value.
 _MAX_VALUE_SIZE: Final = 512 * MiB
-
-# Entry header: kind, version, fresh-until (server ms, 0 = always fresh), load time (ms).
-_HEADER: Final = struct.Struct(">B8sQI")
-_HEADER_SIZE: Final = _HEADER.size
-_VALUE: Final = 0xA0
-_NEGATIVE: Final = 0xA1
-_TOMBSTONE: Final = 0xA2  # also hard-coded in cache_acquire.lua
-_NO_VERSION: Final = b""
-_TOMBSTONE_SLACK_MS: Final = 5000
 
 _FILL = Script.load("cache_fill")
 _ACQUIRE = Script.load("cache_acquire")
@@ -238,7 +243,7 @@ class CachePolicy:
             check_count(
                 "max_value_size",
                 self.max_value_size,
-                minimum=_HEADER_SIZE + 1,
+                minimum=HEADER_SIZE + 1,
                 maximum=_MAX_VALUE_SIZE,
             )
         check_choice("oversize", self.oversize, ("raise", "skip"))
@@ -277,6 +282,14 @@ class CacheStats:
             Redis failed during the fill.
         unreadable: entries the serializer could not decode (another serializer or key,
             corrupted, forged): each counted as a miss, and replaced by the next load.
+        near_hits: reads answered from process memory (``near=``), no round trip.
+        near_misses: reads the near layer could not answer (they went to Redis).
+        near_invalidations: keys evicted from the near layer because a process wrote
+            them (the server's invalidations, and this process's own writes).
+        near_flushes: times the whole near layer was dropped (a tracking connection lost
+            or silent, a FLUSHDB / FLUSHALL, a cluster's slot map changed, a close).
+        near_bytes: the near layer's size now (keys, values and per-entry overhead).
+        near_entries: entries in the near layer now.
     """
 
     hits: int = 0
@@ -295,52 +308,12 @@ class CacheStats:
     shared_reads: int = 0
     fill_errors: int = 0
     unreadable: int = 0
-
-
-class _Flight:
-    """One load in flight for one key: what its waiters await."""
-
-    __slots__ = ("done", "error", "refresh", "traceback", "value")
-
-    def __init__(self, *, refresh: bool) -> None:
-        self.done = anyio.Event()
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.traceback: TracebackType | None = None
-        self.refresh = refresh
-
-
-class _Read:
-    """One GET in flight for one key, shared by the readers that arrive meanwhile."""
-
-    __slots__ = ("done", "ok", "raw")
-
-    def __init__(self) -> None:
-        self.done: anyio.Event | None = None  # made by the first reader that joins
-        self.raw: bytes | None = None
-        self.ok = False
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    kind: int
-    version: bytes
-    fresh_until: int
-    delta_ms: int
-    payload: bytes
-
-
-def _decode_entry(raw: bytes) -> _Entry | None:
-    """The entry in ``raw``, or None when it is not one of ours (or a tombstone)."""
-    if len(raw) < _HEADER_SIZE or raw[0] not in (_VALUE, _NEGATIVE, _TOMBSTONE):
-        return None
-    kind, version, fresh_until, delta_ms = _HEADER.unpack_from(raw)
-    return _Entry(kind, version, fresh_until, delta_ms, raw[_HEADER_SIZE:])
-
-
-def _jittered_ms(seconds: float, jitter: float) -> int:
-    factor = 1.0 - random.random() * jitter if jitter else 1.0
-    return max(1, int(seconds * 1000 * factor))
+    near_hits: int = 0
+    near_misses: int = 0
+    near_invalidations: int = 0
+    near_flushes: int = 0
+    near_bytes: int = 0
+    near_entries: int = 0
 
 
 class Cache(AsyncContextManagerMixin, Generic[T]):
@@ -364,6 +337,10 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
         max_key_bytes: the longest key accepted, in bytes once encoded (default 1024, at
             most 64 KiB); a longer one raises :class:`~aioredispatterns.InvalidKeyError`
             before any command. Hash long keys yourself if you need them.
+        near: a :class:`NearCachePolicy` to serve hot keys from process memory, kept
+            correct by the server's invalidations (``CLIENT TRACKING``): a write by any
+            process evicts the key here within the invalidation's trip; a lost tracking
+            connection flushes the whole layer. ``None`` (default): every read is a GET.
         **policy: the other fields of :class:`CachePolicy`.
 
     Closing (leaving ``async with``) cancels loads and refreshes still in flight: their
@@ -393,8 +370,11 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
         max_value_size: int | None = MiB,
         oversize: Literal["raise", "skip"] = "raise",
         max_key_bytes: int = MAX_NAME_BYTES,
+        near: NearCachePolicy | None = None,
     ) -> None:
         self._client = check_client(client)
+        if near is not None and not isinstance(near, NearCachePolicy):
+            raise ConfigurationError(f"near must be a NearCachePolicy or None, got {near!r}")
         self._max_key_bytes = check_count(
             "max_key_bytes", max_key_bytes, minimum=1, maximum=_MAX_KEY_BYTES
         )
@@ -416,8 +396,8 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
             serializer if serializer is not None else default_serializer()
         )
         self._prefix = check_prefix(prefix)
-        self._flights: dict[KeyT, _Flight] = {}
-        self._reads: dict[KeyT, _Read] = {}
+        self._flights: dict[KeyT, Flight] = {}
+        self._reads: dict[KeyT, SharedRead] = {}
         self._key_cache: BoundedMemo[KeySpace] = BoundedMemo(
             _KEY_CACHE_SIZE, _KEY_CACHE_BYTES, _KEY_CACHE_BYTES
         )
@@ -425,6 +405,11 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
         self._counters = CacheStats()
         self._tg: TaskGroup | None = None
         self._clock_offset_ms = 0.0
+        self._near_policy = near
+        # The near layer and its tracking exist while the cache is open.
+        self._near: NearStore | None = None
+        self._tracking: Tracking | None = None
+        self._near_counts = NearStore(near or NearCachePolicy())  # counters across opens
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -434,9 +419,21 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
         async with background("Cache") as tg:
             self._tg = tg
             try:
+                if self._near_policy is not None:
+                    store = self._near_counts
+                    tracking = Tracking(self._client, f"{self._prefix}:cache", store)
+                    self._tracking = tracking
+                    await tracking.start(tg)
+                    self._near = store
                 yield self
             finally:
                 self._tg = None
+                if self._tracking is not None:
+                    self._tracking.stop()
+                    self._tracking = None
+                if self._near is not None:
+                    self._near.flush()
+                    self._near = None
 
     async def _sync_clock(self) -> None:
         # Fresh-until times are compared by every process: use the server's clock
@@ -477,7 +474,7 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
         """The stored form and its TTL in ms (0: none); None when skipped as oversize."""
         policy = self.policy
         payload = b"" if negative else self._serializer.dumps(value)
-        size = _HEADER_SIZE + len(payload)
+        size = HEADER_SIZE + len(payload)
         if policy.max_value_size is not None and size > policy.max_value_size:
             if policy.oversize == "raise":
                 raise ValueTooLarge(key, size, policy.max_value_size)
@@ -487,19 +484,11 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
         if seconds is None:
             fresh_until, px = 0, 0
         else:
-            fresh_ms = _jittered_ms(seconds, policy.jitter)
+            fresh_ms = jittered_ms(seconds, policy.jitter)
             fresh_until = int(self._now_ms()) + fresh_ms
             px = fresh_ms + (0 if negative else int(policy.stale_ttl * 1000))
-        header = _HEADER.pack(
-            _NEGATIVE if negative else _VALUE,
-            os.urandom(8),
-            fresh_until,
-            min(delta_ms, 0xFFFFFFFF),
-        )
+        header = pack_header(negative=negative, fresh_until=fresh_until, delta_ms=delta_ms)
         return header + payload, px
-
-    def _tombstone(self) -> bytes:
-        return _HEADER.pack(_TOMBSTONE, os.urandom(8), 0, 0)
 
     def _resolve_ttl(self, ttl: float | _Unset | None) -> float | None:
         if isinstance(ttl, _Unset):
@@ -546,17 +535,21 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
             _check_seconds("ttl", ttl, allow_none=True)
         ks = self._keys(key)
         rkey = ks.base
+        if self._near is not None:
+            near_value = self._near_value(rkey)
+            if near_value is not MISS:
+                return near_value  # type: ignore[no-any-return]
         flight = self._flights.get(rkey)
         if flight is not None and not flight.refresh:
             self._counters.misses += 1
             self._counters.coalesced += 1
-            return await self._wait(flight)  # type: ignore[no-any-return]
+            return await flight.wait()  # type: ignore[no-any-return]
         seen_at = time.monotonic()  # before the GET: a fill's age counts from here
         raw = await self._get(rkey)
         if raw is not None:
-            entry = _decode_entry(raw)
+            entry = decode_entry(raw)
             value: Any = _UNREADABLE
-            if entry is not None and entry.kind != _TOMBSTONE:
+            if entry is not None and entry.kind != TOMBSTONE:
                 value = self._decode_value(entry, rkey)
             if value is not _UNREADABLE:
                 assert entry is not None
@@ -575,9 +568,9 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
                 self._counters.stale_served += 1
                 self._start_refresh(ks, entry, loader, ttl)
                 return value  # type: ignore[no-any-return]
-            seen = entry.version if entry is not None else _NO_VERSION
+            seen = entry.version if entry is not None else NO_VERSION
         else:
-            seen = _NO_VERSION
+            seen = NO_VERSION
         self._counters.misses += 1
         return await self._join(ks, seen, seen_at, loader, ttl)  # type: ignore[no-any-return]
 
@@ -598,16 +591,60 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
                 self._counters.shared_reads += 1
                 return shared.raw
             return await execute(self._client, "GET", rkey)  # type: ignore[no-any-return]
-        shared = self._reads[rkey] = _Read()
+        shared = self._reads[rkey] = SharedRead()
+        ticket: int | None = None
         try:
+            if self._tracking is not None:
+                ticket = await self._tracking.ticket(rkey)
             shared.raw = await execute(self._client, "GET", rkey)
             shared.ok = True
+            if ticket is not None:
+                self._near_fill(rkey, ticket, shared.raw)
+                ticket = None
             return shared.raw
         finally:
+            if ticket is not None and self._near is not None:
+                self._near.abandon(rkey, ticket)
             if self._reads.get(rkey) is shared:
                 del self._reads[rkey]
             if shared.done is not None:
                 shared.done.set()
+
+    # ----------------------------------------------------------------- near layer
+
+    def _near_value(self, rkey: KeyT) -> Any:
+        """The near layer's value of ``rkey`` (None: a cached "not found"), or MISS."""
+        near = self._near
+        assert near is not None
+        assert self._tracking is not None
+        if self._tracking.cluster:
+            self._tracking.check_topology()
+        try:
+            return near.value(rkey, self._serializer.loads)
+        except SerializationError:
+            near.invalidate([rkey])
+            return MISS  # Redis has the same bytes: the remote path counts it
+
+    def _near_fill(self, rkey: KeyT, ticket: int, raw: bytes | None) -> None:
+        """Keep a fresh entry read under ``ticket`` in the near layer, for no longer
+        than it stays fresh in Redis."""
+        near = self._near
+        if near is None:
+            return
+        entry = decode_entry(raw) if raw is not None else None
+        if entry is None or entry.kind == TOMBSTONE:
+            near.abandon(rkey, ticket)
+            return
+        if entry.fresh_until == 0:
+            seconds = math.inf
+        else:
+            seconds = (entry.fresh_until - self._now_ms()) / 1000
+        near.store(rkey, ticket, None if entry.kind == NEGATIVE else entry.payload, seconds)
+
+    def _near_evict(self, rkeys: list[KeyT]) -> None:
+        """This process writes ``rkeys``: drop them here at once (read-your-writes)."""
+        if self._near is not None:
+            self._near.invalidate(rkeys)
 
     @overload
     async def get(self, key: str | bytes) -> T | None: ...
@@ -620,29 +657,33 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
         Cancellation: nothing to undo (a read).
         """
         rkey = self._keys(key).base
+        if self._near is not None:
+            near_value = self._near_value(rkey)
+            if near_value is not MISS:
+                return default if near_value is None else near_value
         raw = await self._get(rkey)
         return self._value_of(raw, default, rkey)
 
     def _value_of(self, raw: bytes | None, default: Any, rkey: KeyT) -> Any:
-        entry = _decode_entry(raw) if raw is not None else None
+        entry = decode_entry(raw) if raw is not None else None
         value = _UNREADABLE
-        if entry is not None and entry.kind != _TOMBSTONE:
+        if entry is not None and entry.kind != TOMBSTONE:
             value = self._decode_value(entry, rkey)
         if value is _UNREADABLE:
             self._counters.misses += 1
             return default
         self._counters.hits += 1
         assert entry is not None
-        return default if entry.kind == _NEGATIVE else value
+        return default if entry.kind == NEGATIVE else value
 
-    def _decode_value(self, entry: _Entry, rkey: KeyT) -> Any:
+    def _decode_value(self, entry: Entry, rkey: KeyT) -> Any:
         """The entry's value (None for a cached "not found"), or _UNREADABLE.
 
         An entry the serializer cannot decode (written with another serializer or key,
         corrupted, or forged) is a miss: a read returns the default and a load replaces
         it, instead of the key failing until its TTL runs out.
         """
-        if entry.kind == _NEGATIVE:
+        if entry.kind == NEGATIVE:
             return None
         try:
             return self._serializer.loads(entry.payload)
@@ -694,6 +735,7 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
             return False
         blob, px = encoded
         self._reads.pop(ks.base, None)
+        self._near_evict([ks.base])
         args: tuple[Any, ...] = ("SET", ks.base, blob) + (("PX", px) if px else ())
         await execute(self._client, *args)
         return True
@@ -726,6 +768,7 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
             blob, px = encoded
             rkey = self._keys(key).base
             self._reads.pop(rkey, None)
+            self._near_evict([rkey])
             command: tuple[Any, ...]
             if only_missing:
                 # EVAL, not EVALSHA: a pipeline cannot fall back on NOSCRIPT per command,
@@ -765,10 +808,11 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
         if not keys:
             return
         # The slack covers the fill's trip to Redis after the client-side time check.
-        ttl_ms = int(self.policy.max_load_time * 1000) + _TOMBSTONE_SLACK_MS
-        commands = [("SET", self._keys(k).base, self._tombstone(), "PX", ttl_ms) for k in keys]
+        ttl_ms = int(self.policy.max_load_time * 1000) + TOMBSTONE_SLACK_MS
+        commands = [("SET", self._keys(k).base, tombstone(), "PX", ttl_ms) for k in keys]
         for command in commands:
             self._reads.pop(command[1], None)
+        self._near_evict([command[1] for command in commands])
         if len(commands) == 1:
             await execute(self._client, *commands[0])
         else:
@@ -784,18 +828,17 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
         activity does not change); :class:`aioredispatterns.metrics.PrometheusCollector`
         exports them.
         """
-        return copy.copy(self._counters)
+        stats = copy.copy(self._counters)
+        near = self._near_counts
+        stats.near_hits = near.hits
+        stats.near_misses = near.misses
+        stats.near_invalidations = near.invalidations
+        stats.near_flushes = near.flushes
+        stats.near_bytes = near.bytes
+        stats.near_entries = len(near)
+        return stats
 
     # ----------------------------------------------------------------- single flight
-
-    async def _wait(self, flight: _Flight) -> Any:
-        # Only this waiter is cancelled here; the flight runs in the cache's task group.
-        await flight.done.wait()
-        if flight.error is not None:
-            # Every waiter raises the same exception object: reset its traceback each
-            # time so it does not grow by one chain per waiter.
-            raise flight.error.with_traceback(flight.traceback)
-        return flight.value
 
     async def _join(
         self,
@@ -810,7 +853,7 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
             if flight is None:
                 seconds = self._resolve_ttl(ttl)
                 tg = self._task_group()
-                flight = _Flight(refresh=False)
+                flight = Flight(refresh=False)
                 self._flights[ks.base] = flight
                 tg.start_soon(self._run_flight, ks, flight, seen, seen_at, loader, seconds, None)
                 break
@@ -820,12 +863,12 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
             # A refresh of a value that has since gone (invalidated): its result may
             # predate the invalidation, so wait for it to end and load afresh.
             await flight.done.wait()
-        return await self._wait(flight)
+        return await flight.wait()
 
     def _start_refresh(
         self,
         ks: KeySpace,
-        entry: _Entry,
+        entry: Entry,
         loader: Callable[[], Awaitable[Any]],
         ttl: float | _Unset | None,
     ) -> bool:
@@ -840,7 +883,7 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
             del self._refresh_blocked[rkey]
         seconds = self._resolve_ttl(ttl)
         self._counters.refreshes += 1
-        flight = _Flight(refresh=True)
+        flight = Flight(refresh=True)
         self._flights[rkey] = flight
         self._tg.start_soon(
             self._run_flight,
@@ -857,12 +900,12 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
     async def _run_flight(
         self,
         ks: KeySpace,
-        flight: _Flight,
+        flight: Flight,
         seen: bytes,
         seen_at: float,
         loader: Callable[[], Awaitable[Any]],
         seconds: float | None,
-        stale: _Entry | None,
+        stale: Entry | None,
     ) -> None:
         try:
             if stale is not None:
@@ -935,6 +978,7 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
                 return value
             blob, px = encoded
             self._reads.pop(ks.base, None)
+            self._near_evict([ks.base])
             try:
                 # Without a lease the script touches the entry only: declaring absent
                 # lease / wake keys would make a cluster refuse it (TRYAGAIN) while the
@@ -998,7 +1042,7 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
                     await delete_if_equal(self._client, ks.key("lease"), token)
                 raise
             if status == 1:
-                entry = _decode_entry(data)
+                entry = decode_entry(data)
                 if entry is not None:
                     value = self._decode_value(entry, ks.base)
                     if value is not _UNREADABLE:
@@ -1006,8 +1050,8 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
                     seen = entry.version  # the load below replaces the unreadable entry
                 break  # not ours, or unreadable: load without the lease
             if status == 2:
-                entry = _decode_entry(data) if data else None
-                seen = entry.version if entry is not None else _NO_VERSION
+                entry = decode_entry(data) if data else None
+                seen = entry.version if entry is not None else NO_VERSION
                 return await self._load_and_fill(ks, seen, time.monotonic(), loader, seconds, token)
             if not waited:
                 waited = True

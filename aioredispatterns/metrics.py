@@ -41,7 +41,9 @@ if TYPE_CHECKING:
 __all__ = ("PrometheusCollector",)
 
 # Fields that say how much there is *now* (gauges); every other field only grows.
-_GAUGES = frozenset({"in_flight", "buffered", "max_in_flight", "held", "waiting"})
+_GAUGES = frozenset(
+    {"in_flight", "buffered", "max_in_flight", "held", "waiting", "near_bytes", "near_entries"}
+)
 _NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 

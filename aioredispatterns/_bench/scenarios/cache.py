@@ -5,6 +5,13 @@ of the same value; "cache hit c64 64 keys" spreads the readers over 64 keys, so 
 concurrent readers share a GET (the auto-pipeline alone, without coalescing). cashews and
 aiocache rows appear when those libraries are installed (the ``bench`` extra).
 
+Groups "near cache hit c1" and "near cache hit c64" measure the in-process layer
+(``Cache(near=NearCachePolicy())``) against this library's own remote hit path (the
+baseline), cashews' two-level cache (``client_side=True``) and aiocache's memory cache.
+"near invalidation" measures what a near cache costs a writer: another client's SET,
+then the near reader polling until it sees the new value (the write's round trip plus
+the invalidation's trip), against the same SET followed by one remote GET.
+
 The stampede and bytes-per-entry tables are a separate script: ``benchmarks/cache.py``.
 """
 
@@ -16,8 +23,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import anyio
+import anyio.lowlevel
+
 from ..._connection import connect
-from ...cache import Cache
+from ...cache import Cache, NearCachePolicy
 from ...serializers import default_serializer
 from ..redis_py import redis_py
 from ..scenario import BenchEnv, Operation, Scenario
@@ -78,6 +88,79 @@ def ours(concurrency: int, keys: int = 1, *, plain_client: bool = False) -> Setu
                 yield lambda: cache.get_or_load(next(names), _never)
         finally:
             await client.aclose()
+
+    return setup
+
+
+def near(concurrency: int) -> Setup:
+    @asynccontextmanager
+    async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
+        client = connect(env.url, max_connections=_pool_size(concurrency))
+        try:
+            async with Cache(client, ttl=3600, prefix=env.prefix, near=NearCachePolicy()) as cache:
+                await cache.set(KEY, VALUE)
+                await cache.get_or_load(KEY, _never)  # the first read keeps it near
+                yield lambda: cache.get_or_load(KEY, _never)
+        finally:
+            await client.aclose()
+
+    return setup
+
+
+def _cashews_two_level(concurrency: int) -> Setup:
+    @asynccontextmanager
+    async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
+        cache = load("cashews").Cache()
+        cache.setup(env.url, client_side=True, max_connections=_pool_size(concurrency))
+        cached: Operation = cache(ttl="1h", key=f"{env.prefix}:cashews2:{KEY}")(_load)
+        await cached()
+        try:
+            yield cached
+        finally:
+            await cache.close()
+
+    return setup
+
+
+def _aiocache_memory(concurrency: int) -> Setup:
+    @asynccontextmanager
+    async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
+        aiocache = load("aiocache")
+        decorator = aiocache.cached(ttl=3600, key=f"{env.prefix}:aiomem:{KEY}")
+        cached: Operation = decorator(_load)
+        await cached()
+        try:
+            yield cached
+        finally:
+            await decorator.cache.close()
+
+    return setup
+
+
+def _invalidation(*, near_reader: bool) -> Setup:
+    @asynccontextmanager
+    async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
+        reader_client = connect(env.url)
+        writer_client = connect(env.url)
+        policy = NearCachePolicy() if near_reader else None
+        versions = itertools.count()
+        try:
+            async with (
+                Cache(reader_client, ttl=3600, prefix=env.prefix, near=policy) as reader,
+                Cache(writer_client, ttl=3600, prefix=env.prefix) as writer,
+            ):
+
+                async def operation() -> object:
+                    version = next(versions)
+                    await writer.set(KEY, version)
+                    while await reader.get(KEY) != version:
+                        await anyio.lowlevel.checkpoint()
+                    return version
+
+                yield operation
+        finally:
+            await reader_client.aclose()
+            await writer_client.aclose()
 
     return setup
 
@@ -147,6 +230,29 @@ def scenarios(env: BenchEnv) -> list[Scenario]:
                 Scenario(group, "aiocache @cached", concurrency, _aiocache(concurrency),
                          role="competitor")
             )  # fmt: skip
+    for concurrency in (1, 64):
+        group = f"near cache hit c{concurrency}"
+        rows += [
+            Scenario(group, "Cache.get_or_load (Redis)", concurrency, ours(concurrency),
+                     baseline=True),
+            Scenario(group, "Cache.get_or_load, near=", concurrency, near(concurrency)),
+        ]  # fmt: skip
+        if has("cashews"):
+            rows.append(
+                Scenario(group, "cashews two-level (client_side, stale)", concurrency,
+                         _cashews_two_level(concurrency), role="competitor")
+            )  # fmt: skip
+        if has("aiocache"):
+            rows.append(
+                Scenario(group, "aiocache memory (no invalidation)", concurrency,
+                         _aiocache_memory(concurrency), role="competitor")
+            )  # fmt: skip
+    group = "near invalidation"
+    rows += [
+        Scenario(group, "SET, then a remote GET sees it", 1, _invalidation(near_reader=False),
+                 baseline=True),
+        Scenario(group, "SET, then the near layer sees it", 1, _invalidation(near_reader=True)),
+    ]  # fmt: skip
     group = "cache hit c64 64 keys"
     rows.append(Scenario(group, "redis-py GET + json", 64, raw(64, 64), baseline=True))
     rows.append(Scenario(group, "Cache.get_or_load", 64, ours(64, 64)))
