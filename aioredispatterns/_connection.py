@@ -167,6 +167,27 @@ def connect(
 def connect(
     url: str = ...,
     *,
+    cluster: Literal[False],
+    max_connections: int = ...,
+    pool_timeout: float = ...,
+    socket_timeout: float | None = ...,
+    connect_timeout: float = ...,
+    retries: int = ...,
+    backoff_base: float = ...,
+    backoff_cap: float = ...,
+    health_check_interval: float = ...,
+    protocol: Literal[2, 3] = ...,
+    username: str | None = ...,
+    password: str | None = ...,
+    auto_pipeline: bool = ...,
+    **redis_options: Any,
+) -> Redis: ...
+
+
+@overload
+def connect(
+    url: str = ...,
+    *,
     cluster: bool | None = ...,
     max_connections: int = ...,
     pool_timeout: float = ...,
