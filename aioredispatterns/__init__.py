@@ -136,6 +136,10 @@ from .streams import (
 
 __version__ = "0.1.0.dev0"
 
+from ._provider import app_state
+from .health import HealthReport, PoolUsage, health
+from .sessions import Session, SessionChange, SessionStore
+
 __all__ = (
     "AutoPipelinedRedis",
     "AutoPipelinedRedisCluster",
@@ -171,6 +175,7 @@ __all__ = (
     "GroupInfo",
     "GroupStats",
     "HashCounter",
+    "HealthReport",
     "InvalidCoordinates",
     "InvalidKeyError",
     "Job",
@@ -195,6 +200,7 @@ __all__ = (
     "PickleSerializer",
     "PipelineStats",
     "PoolTimeout",
+    "PoolUsage",
     "ProducerStats",
     "PubSubError",
     "PubSubOverflow",
@@ -219,6 +225,9 @@ __all__ = (
     "Serializer",
     "Series",
     "ServerInfo",
+    "Session",
+    "SessionChange",
+    "SessionStore",
     "SlidingWindowCounter",
     "SlidingWindowLog",
     "StreamError",
@@ -233,9 +242,11 @@ __all__ = (
     "UnsupportedServerError",
     "ValueTooLarge",
     "__version__",
+    "app_state",
     "connect",
     "fenced_get",
     "fenced_set",
+    "health",
     "instrument",
     "pipeline_stats",
     "publish",

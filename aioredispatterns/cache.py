@@ -700,15 +700,38 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
         Cancellation: nothing to undo (reads).
         """
         wanted = check_items("keys", keys)
-        replies = await execute_many(
-            self._client, [("GET", self._keys(k).base) for k in wanted], idempotent=True
-        )
-        missing = object()
         found: dict[K, T] = {}
-        for key, raw in zip(wanted, replies, strict=True):
-            value = self._value_of(raw, missing, self._keys(key).base)
-            if value is not missing:
-                found[key] = value
+        if self._near is not None:
+            remote: list[K] = []
+            for key in wanted:
+                value = self._near_value(self._keys(key).base)
+                if value is MISS:
+                    remote.append(key)
+                elif value is not None:
+                    found[key] = value
+            wanted = remote
+        rkeys = [self._keys(k).base for k in wanted]
+        tickets: list[int | None] = []
+        try:
+            if self._tracking is not None:
+                tickets = [await self._tracking.ticket(rkey) for rkey in rkeys]
+            replies = await execute_many(
+                self._client, [("GET", rkey) for rkey in rkeys], idempotent=True
+            )
+            missing = object()
+            for key, rkey, raw in zip(wanted, rkeys, replies, strict=True):
+                value = self._value_of(raw, missing, rkey)
+                if value is not missing:
+                    found[key] = value
+            for rkey, ticket, raw in zip(rkeys, tickets, replies, strict=False):
+                if ticket is not None:
+                    self._near_fill(rkey, ticket, raw)
+            tickets = []
+        finally:
+            if self._near is not None:
+                for rkey, ticket in zip(rkeys, tickets, strict=False):
+                    if ticket is not None:
+                        self._near.abandon(rkey, ticket)
         return found
 
     # ----------------------------------------------------------------- writes

@@ -89,6 +89,53 @@ async def test_hits_are_served_from_memory_and_writes_elsewhere_evict_them(
         assert await cache.get(keys[0]) == {"v": 3}
 
 
+async def test_get_many_reads_through_the_near_layer(
+    reader: Any, writer: Any, key_prefix: str
+) -> None:
+    keys = [f"item:{index}" for index in range(8)]
+    async with (
+        Cache(reader, ttl=60, prefix=key_prefix, near=NearCachePolicy()) as cache,
+        Cache(writer, ttl=60, prefix=key_prefix) as other,
+    ):
+        await other.set_many({key: index for index, key in enumerate(keys)})
+        await other.set("nothing", None)  # a cached "not found": left out of results
+        expected = {key: index for index, key in enumerate(keys)}
+        assert await cache.get_many([*keys, "nothing", "absent"]) == expected
+        gets = await command_calls(writer, "get")
+        assert await cache.get_many([*keys, "nothing"]) == expected
+        assert await command_calls(writer, "get") == gets  # all from memory
+        await other.set(keys[0], "new")
+
+        async def updated() -> bool:
+            return (await cache.get_many(keys[:1])) == {keys[0]: "new"}
+
+        await _until(updated, "get_many to see the new value")
+
+
+async def test_cancelled_readers_leave_no_ticket_task_or_connection(
+    redis_url: str, writer: Any, key_prefix: str
+) -> None:
+    from aioredispatterns.testing import borrowed_connections
+
+    client = connect(redis_url)
+    try:
+        async with Cache(client, ttl=60, prefix=key_prefix, near=NearCachePolicy()) as cache:
+            await Cache(writer, ttl=60, prefix=key_prefix).set("k", "v")
+            for delay in (0, 0.0001, 0.001):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(20):
+                        tg.start_soon(cache.get, "k")
+                    await anyio.sleep(delay)
+                    tg.cancel_scope.cancel()
+            assert cache._near is not None
+            assert cache._near._pending == {}  # no ticket left behind by a cancelled read
+            assert await cache.get("k") == "v"
+        assert cache.stats.near_entries == 0  # closing drops the layer
+        assert borrowed_connections(client) == []  # the tracking connection is closed
+    finally:
+        await client.aclose()
+
+
 async def _never() -> Any:
     raise AssertionError("the loader ran on a hit")
 

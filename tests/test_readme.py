@@ -36,6 +36,10 @@ FASTAPI_EXAMPLE = "example-cache-aside-in-a-fastapi-app"
 #: What each program must print (a fragment of its stdout). A new block needs an entry.
 EXPECTED_OUTPUT = {
     "cache-aside": "1 load for 100 misses",
+    "near-cache": "after the write: {'theme': 'light'}",
+    "sessions-1": "phone after log-out-everywhere: None",
+    "sessions-2": "stranger: user=None cart=None",
+    "web-apps-fastapi-starlette": "/hello: [200, 200, 429]",
     "locks-with-fencing-tokens": "written with fencing token",
     "rate-limiting": "request 6: allowed=False",
     "streams-a-worker-pool-on-a-consumer-group": "processed=100",
