@@ -12,7 +12,9 @@ every other command, and every connection that reconnects would have to be re-ar
 With ``BCAST`` a read can go over any connection; the price is one invalidation per
 write under the prefix per tracking process, whether it held the key or not (and no
 per-key tracking table on the server). A cache read far more than written, the case a
-near layer is for, pays little for that.
+near layer is for, pays little for that. Measured (``benchmarks/near_tracking_modes.py``,
+4 listeners, 1,000 keys): 1.19 us of server CPU per SET with BCAST, 0.77 us untracked,
+3.16 us with OPTIN once invalidated keys are re-read to keep them tracked.
 
 Both protocols: on RESP3 the invalidations are push messages on the tracking connection
 itself; on RESP2 the connection redirects tracking to itself (``REDIRECT <own id>``)
