@@ -26,17 +26,21 @@ What it guarantees:
 Stored form: one Redis string per entry, a 21-byte header (kind, 8-byte version, the
 "fresh until" time in server-clock milliseconds, the last load's duration in ms) followed
 by the serialized value. Redis's own TTL is the end of the stale window.
+
+This module is the policy and the single-flight state machine; the mechanisms it drives
+live in private modules, in the order a read flows through them: ``_near`` (the
+in-process layer) and ``_near_tracking`` (its invalidations), ``_cache_flight`` (shared
+GETs and loads in flight), ``_cache_entry`` (the stored form), ``_cache_lease`` (the fill
+script and the fleet lease).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import inspect
 import logging
 import math
-import os
 import random
 import string
 import sys
@@ -64,14 +68,14 @@ from ._cache_entry import (
 )
 from ._cache_flight import Flight, SharedRead
 from ._cache_keys import call_key, function_name
-from ._capabilities import server_info
-from ._commands import execute, execute_blocking, execute_many
+from ._cache_lease import EntryWriter
+from ._commands import execute, execute_many
 from ._connection import AnyRedis, check_client
 from ._keys import DEFAULT_PREFIX, BoundedMemo, KeySpace, KeyT, check_prefix, keyspace
 from ._near import MISS, NearCachePolicy, NearStore
 from ._near_tracking import Tracking
 from ._scope import background
-from ._scripts import Script, delete_if_equal
+from ._scripts import Script
 from ._validate import (
     MAX_NAME_BYTES,
     check_callable,
@@ -116,16 +120,12 @@ MiB: Final = 1024 * 1024
 # Redis's own limit for one string value.
 _MAX_VALUE_SIZE: Final = 512 * MiB
 
-_FILL = Script.load("cache_fill")
-_ACQUIRE = Script.load("cache_acquire")
 _WARM = Script.load("cache_warm")
 
 _KEY_CACHE_SIZE: Final = 4096
 _KEY_CACHE_BYTES: Final = 4 * MiB
 _MAX_KEY_BYTES: Final = 64 * 1024
 _MAX_BLOCK: Final = 2.0
-# How long a shielded cleanup (giving back a lease) may take at most.
-_CLEANUP_TIMEOUT: Final = 2.0
 
 
 class CacheError(RedisPatternsError):
@@ -406,6 +406,7 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
         self._tg: TaskGroup | None = None
         self._clock_offset_ms = 0.0
         self._near_policy = near
+        self._writer = EntryWriter(self._client, self.policy.lease_ttl)
         # The near layer and its tracking exist while the cache is open.
         self._near: NearStore | None = None
         self._tracking: Tracking | None = None
@@ -1003,13 +1004,7 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
             self._reads.pop(ks.base, None)
             self._near_evict([ks.base])
             try:
-                # Without a lease the script touches the entry only: declaring absent
-                # lease / wake keys would make a cluster refuse it (TRYAGAIN) while the
-                # slot migrates.
-                keys = [ks.base, ks.key("lease"), ks.key("wake")] if token else [ks.base]
-                written = await _FILL.run(
-                    self._client, keys, [seen, blob, px, token, self._lease_ms()]
-                )
+                written = await self._writer.fill(ks, seen, blob, px, token)
             except RedisPatternsError:
                 # The value is good; only caching it failed. Callers get it, the next
                 # miss loads again, and a lease we held expires on its own.
@@ -1023,19 +1018,7 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
             return value
         finally:
             if token and not filled:
-                with (
-                    anyio.move_on_after(2.0, shield=True),
-                    contextlib.suppress(RedisPatternsError),  # the lease expires anyway
-                ):
-                    await _FILL.run(
-                        self._client,
-                        [ks.base, ks.key("lease"), ks.key("wake")],
-                        [seen, b"", 0, token, self._lease_ms()],
-                    )
-
-    def _lease_ms(self) -> int:
-        """The fill lease's TTL in ms (also how long a wake-up list is kept)."""
-        return int(self.policy.lease_ttl * 1000)
+                await self._writer.give_back(ks, seen, token)
 
     async def _load_distributed(
         self,
@@ -1046,24 +1029,13 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
         seconds: float | None,
     ) -> Any:
         policy = self.policy
-        token = os.urandom(12).hex()
-        lease_ms = self._lease_ms()
+        writer = self._writer
+        token = writer.new_token()
         wait = policy.lease_ttl if policy.lease_wait is None else policy.lease_wait
         deadline = anyio.current_time() + wait
-        keys = [ks.base, ks.key("lease"), ks.key("wake")]
         waited = False
         while True:
-            try:
-                status, data = await _ACQUIRE.run(self._client, keys, [token, lease_ms])
-            except BaseException:
-                # The script may have taken the lease and only its reply been lost: give
-                # it back, or every process waits it out (shielded, bounded).
-                with (
-                    anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True),
-                    contextlib.suppress(RedisPatternsError),
-                ):
-                    await delete_if_equal(self._client, ks.key("lease"), token)
-                raise
+            status, data = await writer.acquire(ks, token)
             if status == 1:
                 entry = decode_entry(data)
                 if entry is not None:
@@ -1091,19 +1063,8 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
             # blocking reply under its socket timeout).
             lease_left = int(data) / 1000 + 0.02 if int(data) > 0 else 0.05
             block = max(0.01, min(remaining, lease_left, _MAX_BLOCK))
-            await self._wait_for_wake(ks.key("wake"), block)
+            await writer.wait_for_wake(ks, block)
         return await self._load_and_fill(ks, seen, seen_at, loader, seconds, "")
-
-    async def _wait_for_wake(self, wake_key: KeyT, seconds: float) -> None:
-        # BLMOVE list->same list keeps the element there, so every blocked waiter of
-        # every process is served in turn by one push (a broadcast without pub/sub).
-        info = await server_info(self._client)
-        timeout = f"{seconds:.3f}"
-        if info.blmove:
-            command: tuple[Any, ...] = ("BLMOVE", wake_key, wake_key, "RIGHT", "LEFT", timeout)
-        else:
-            command = ("BRPOPLPUSH", wake_key, wake_key, timeout)
-        await execute_blocking(self._client, *command, block=seconds)
 
     async def _refresh(
         self,
@@ -1115,12 +1076,10 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
     ) -> Any:
         token = ""
         if self.policy.distributed:
-            token = os.urandom(12).hex()
-            taken = await execute(
-                self._client, "SET", ks.key("lease"), token, "NX", "PX", self._lease_ms()
-            )
-            if not taken:
+            taken = await self._writer.take_for_refresh(ks)
+            if taken is None:
                 return None  # another process is refreshing this key
+            token = taken
         return await self._load_and_fill(ks, seen, seen_at, loader, seconds, token)
 
     # ----------------------------------------------------------------- decorator
