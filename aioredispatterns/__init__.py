@@ -25,6 +25,7 @@ from .cache import (
     CacheStats,
     NearCachePolicy,
     ValueTooLarge,
+    cached,
 )
 from .counters import (
     Bucket,
@@ -243,6 +244,7 @@ __all__ = (
     "ValueTooLarge",
     "__version__",
     "app_state",
+    "cached",
     "connect",
     "fenced_get",
     "fenced_set",

@@ -99,6 +99,7 @@ __all__ = (
     "CachedFunction",
     "NearCachePolicy",
     "ValueTooLarge",
+    "cached",
 )
 
 if sys.version_info >= (3, 13):
@@ -1104,18 +1105,41 @@ class Cache(AsyncContextManagerMixin, Generic[T]):
         Returns a :class:`CachedFunction`; calling it behaves like :meth:`get_or_load`.
         """
 
-        def decorate(func: Callable[P, Awaitable[R]]) -> CachedFunction[P, R]:
-            if not inspect.iscoroutinefunction(func):
-                raise ConfigurationError("cached() decorates coroutine functions (async def)")
-            if key is not None and not isinstance(key, str) and not callable(key):
-                raise ConfigurationError("key must be a format string, a callable or None")
-            if isinstance(key, str):
-                _check_key_template(key, inspect.signature(func))
-            if not isinstance(ttl, _Unset):
-                _check_seconds("ttl", ttl, allow_none=True)
-            return CachedFunction(self, func, ttl=ttl, key=key)
+        return cached(self, ttl=ttl, key=key)
 
-        return decorate
+
+def cached(
+    cache: Cache[Any] | Callable[[], Cache[Any]],
+    *,
+    ttl: float | _Unset | None = UNSET,
+    key: str | Callable[..., str] | None = None,
+) -> Callable[[Callable[P, Awaitable[R]]], CachedFunction[P, R]]:
+    """:meth:`Cache.cached` for a cache that does not exist yet when the function is
+    defined: ``cache`` may be a zero-argument callable returning the :class:`Cache`,
+    called on every call (e.g. ``lambda: app.state.cache``, with the cache created and
+    closed in the app's lifespan).
+
+    Raises:
+        ConfigurationError: at decoration, a function that is not ``async def``, a bad
+            ``key`` or ``ttl``; at call time, a provider that returns no ``Cache``.
+    """
+    if not isinstance(cache, Cache) and not callable(cache):
+        raise ConfigurationError(
+            f"cache must be a Cache or a callable returning one, got {cache!r}"
+        )
+
+    def decorate(func: Callable[P, Awaitable[R]]) -> CachedFunction[P, R]:
+        if not inspect.iscoroutinefunction(func):
+            raise ConfigurationError("cached() decorates coroutine functions (async def)")
+        if key is not None and not isinstance(key, str) and not callable(key):
+            raise ConfigurationError("key must be a format string, a callable or None")
+        if isinstance(key, str):
+            _check_key_template(key, inspect.signature(func))
+        if not isinstance(ttl, _Unset):
+            _check_seconds("ttl", ttl, allow_none=True)
+        return CachedFunction(cache, func, ttl=ttl, key=key)
+
+    return decorate
 
 
 def _check_key_template(template: str, signature: inspect.Signature) -> None:
@@ -1151,7 +1175,7 @@ class CachedFunction(Generic[P, R]):
 
     def __init__(
         self,
-        cache: Cache[Any],
+        cache: Cache[Any] | Callable[[], Cache[Any]],
         func: Callable[P, Awaitable[R]],
         *,
         ttl: float | _Unset | None,
@@ -1176,7 +1200,7 @@ class CachedFunction(Generic[P, R]):
         return self._key(*args, **kwargs)
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return await self._cache.get_or_load(
+        return await self._resolve().get_or_load(
             self.key_for(*args, **kwargs),
             functools.partial(self._func, *args, **kwargs),
             ttl=self._ttl,
@@ -1184,4 +1208,14 @@ class CachedFunction(Generic[P, R]):
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         """Drop the cached result of a call with these arguments."""
-        await self._cache.invalidate(self.key_for(*args, **kwargs))
+        await self._resolve().invalidate(self.key_for(*args, **kwargs))
+
+    def _resolve(self) -> Cache[Any]:
+        if isinstance(self._cache, Cache):
+            return self._cache
+        found = self._cache()
+        if not isinstance(found, Cache):
+            raise ConfigurationError(
+                f"the cache provider of {self._name} returned {found!r}, not a Cache"
+            )
+        return found

@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from aioredispatterns import ConfigurationError, ConnectionFailed, connect
-from aioredispatterns.cache import Cache, CacheClosed, ValueTooLarge
+from aioredispatterns.cache import Cache, CacheClosed, ValueTooLarge, cached
 from aioredispatterns.testing import RedisServer, command_calls
 
 
@@ -434,6 +434,35 @@ async def test_cached_decorator_with_a_key_template(redis_client: Redis, key_pre
         assert await user(7) == "u7"
         assert await redis_client.exists(f"{key_prefix}:cache:{{user:7}}") == 1
         assert 0 < await redis_client.pttl(f"{key_prefix}:cache:{{user:7}}") <= 5000
+
+
+async def test_cached_with_a_provider_resolves_the_cache_at_call_time(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """The decorator is applied at import; the Cache is made later (an app's lifespan)."""
+
+    class State:
+        cache: Cache[Any] | None = None
+
+    calls = 0
+
+    @cached(lambda: State.cache, key="item:{item_id}")  # type: ignore[arg-type,return-value]
+    async def item(item_id: int) -> dict[str, int]:
+        nonlocal calls
+        calls += 1
+        return {"id": item_id}
+
+    with pytest.raises(ConfigurationError, match="not a Cache"):
+        await item(1)  # no cache yet: a clear error, not an AttributeError
+    async with Cache(redis_client, ttl=60, prefix=key_prefix) as State.cache:
+        assert await item(1) == {"id": 1}
+        assert await item(1) == {"id": 1}
+        assert calls == 1
+        await item.invalidate(1)
+        assert await item(1) == {"id": 1}
+        assert calls == 2
+    with pytest.raises(ConfigurationError):
+        cached("not a cache")  # type: ignore[arg-type]
 
 
 def test_cached_refuses_plain_functions_and_unkeyable_arguments(redis_client: Redis) -> None:
