@@ -40,13 +40,23 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
-import anyio
-
+from ._asgi_outage import (
+    DEFAULT_ERROR_COOLDOWN,
+    DEFAULT_ERROR_RETRY_AFTER,
+    DEFAULT_TIMEOUT,
+    UNAVAILABLE_BODY,
+    Failure,
+    FailurePolicy,
+    OnError,
+    Outage,
+    encode_headers,
+    refuse,
+)
 from ._provider import AppState, Provider, app_state, resolver
-from ._validate import check_count, check_seconds
-from .errors import CommandTimeout, ConfigurationError, RedisPatternsError
+from ._validate import check_count
+from .errors import ConfigurationError
 from .ratelimit import RateLimitDecision, RateLimiter
 
 if TYPE_CHECKING:
@@ -78,14 +88,12 @@ Receive: TypeAlias = Callable[[], Awaitable[Message]]
 Send: TypeAlias = Callable[[Message], Awaitable[None]]
 ASGIApp: TypeAlias = Callable[[Scope, Receive, Send], Awaitable[None]]
 KeyFunc: TypeAlias = Callable[[Scope], "str | None"]
-#: What to do when the limiter cannot decide: see the module docstring.
-OnError: TypeAlias = (
-    "Literal['open', 'closed'] | Callable[[Scope, RedisPatternsError], Literal['open', 'closed']]"
-)
 
-_DEFAULT_TIMEOUT: Final = 1.0
-_DEFAULT_ERROR_RETRY_AFTER: Final = 5
-_DEFAULT_ERROR_COOLDOWN: Final = 0.5
+
+def _outage(cooldown: float) -> Outage:
+    return Outage(
+        cooldown, logger=logger, subject="rate limiting", degraded="were not limited normally"
+    )
 
 
 # ----------------------------------------------------------------------- identities
@@ -313,74 +321,10 @@ def bounded_identity(limiter: RateLimiter, identity: str | bytes) -> str | bytes
 # ----------------------------------------------------------------------- the decision
 
 
-class _Outage:
-    """The failure state shared by a glue's decisions.
-
-    One warning when decisions start failing, one when they succeed again. After a
-    failure, for ``cooldown`` seconds, decisions skip Redis and go to ``on_error`` at once
-    (a paused server would otherwise cost every request the whole ``timeout``); the first
-    request after that probes Redis again.
-    """
-
-    __slots__ = ("cooldown", "error", "failures", "retry_at", "since")
-
-    def __init__(self, cooldown: float) -> None:
-        self.cooldown = check_seconds("error_cooldown", cooldown, zero=True)
-        self.since: float | None = None
-        self.retry_at = 0.0
-        self.error: RedisPatternsError | None = None
-        self.failures = 0
-
-    def failed(self, error: RedisPatternsError, policy: str, *, asked: bool) -> None:
-        self.failures += 1
-        now = anyio.current_time()
-        if asked:  # Redis itself failed just now (not a decision skipped in the cooldown)
-            self.retry_at = now + self.cooldown
-            self.error = error
-        if self.since is None:
-            self.since = now
-            logger.warning(
-                "rate limiting is failing (%s: %s): on_error decides every request until "
-                "Redis answers again (this one: fail %s)",
-                type(error).__name__,
-                error,
-                policy,
-            )
-
-    def recovered(self) -> None:
-        if self.since is not None:
-            logger.warning(
-                "rate limiting recovered after %.1f s; %d requests were not limited normally",
-                anyio.current_time() - self.since,
-                self.failures,
-            )
-            self.since = None
-            self.error = None
-            self.failures = 0
-
-
-class _Unavailable:
-    """The limiter could not decide and the policy says fail closed."""
-
-    __slots__ = ("retry_after",)
-
-    def __init__(self, retry_after: int) -> None:
-        self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)}
-
-
-def _check_on_error(on_error: object) -> OnError:
-    if on_error in ("open", "closed") or callable(on_error):
-        return on_error
-    raise ConfigurationError(f"on_error must be 'open', 'closed' or a callable, got {on_error!r}")
-
-
 class _Guard:
     """One limiter provider with its key, cost and failure policy: decides one request."""
 
-    __slots__ = ("_limiter", "cost", "error_retry_after", "key", "on_error", "outage", "timeout")
+    __slots__ = ("_limiter", "cost", "key", "policy")
 
     def __init__(
         self,
@@ -391,7 +335,7 @@ class _Guard:
         on_error: OnError,
         timeout: float | None,
         error_retry_after: int,
-        outage: _Outage,
+        outage: Outage,
     ) -> None:
         if isinstance(limiter, RateLimiter):
             limiter._check_cost(cost)  # now, when the limiter is known; else per request
@@ -402,44 +346,24 @@ class _Guard:
         self._limiter = resolver(limiter, RateLimiter, "limiter")
         self.key = key
         self.cost = cost
-        self.on_error = _check_on_error(on_error)
-        self.timeout = None if timeout is None else check_seconds("timeout", timeout)
-        self.error_retry_after = check_count("error_retry_after", error_retry_after, minimum=1)
-        self.outage = outage
+        self.policy = FailurePolicy(
+            on_error=on_error, timeout=timeout, error_retry_after=error_retry_after, outage=outage
+        )
 
-    async def decide(self, scope: Scope) -> RateLimitDecision | _Unavailable | None:
-        """The decision, None (not limited, or failed open) or _Unavailable (closed)."""
+    async def decide(self, scope: Scope) -> RateLimitDecision | Failure | None:
+        """The decision, None (not limited, or failed open) or a Failure (closed)."""
         identity = self.key(scope)
         if identity is None:
             return None
         limiter = self._limiter(scope)
-        outage = self.outage
-        if outage.error is not None and anyio.current_time() < outage.retry_at:
-            # Redis failed moments ago: do not make this request wait for it again.
-            return self._failed(scope, outage.error, asked=False)
-        try:
-            if self.timeout is None:
-                decision = await limiter.hit(bounded_identity(limiter, identity), self.cost)
-            else:
-                with anyio.move_on_after(self.timeout) as deadline:
-                    decision = await limiter.hit(bounded_identity(limiter, identity), self.cost)
-                if deadline.cancelled_caught:
-                    raise CommandTimeout(f"no rate-limit decision within {self.timeout:g}s")
-        except RedisPatternsError as error:
-            if isinstance(error, ConfigurationError):
-                raise  # the app's own mistake (a bad cost or identity), not an outage
-            return self._failed(scope, error, asked=True)
-        if outage.since is not None:
-            outage.recovered()
-        return decision
-
-    def _failed(
-        self, scope: Scope, error: RedisPatternsError, *, asked: bool
-    ) -> _Unavailable | None:
-        on_error = self.on_error
-        policy = on_error if isinstance(on_error, str) else on_error(scope, error)
-        self.outage.failed(error, policy, asked=asked)
-        return None if policy == "open" else _Unavailable(self.error_retry_after)
+        outcome = await self.policy.call(
+            scope,
+            "rate-limit decision",
+            lambda: limiter.hit(bounded_identity(limiter, identity), self.cost),
+        )
+        if isinstance(outcome, Failure) and outcome.policy == "open":
+            return None
+        return outcome
 
 
 # ----------------------------------------------------------------------- middleware
@@ -471,7 +395,6 @@ class RouteLimit:
 
 
 _TOO_MANY_BODY: Final = b"Too Many Requests"
-_UNAVAILABLE_BODY: Final = b"Service Unavailable"
 
 
 class RateLimitMiddleware:
@@ -524,13 +447,13 @@ class RateLimitMiddleware:
         routes: Sequence[RouteLimit] = (),
         exempt: Iterable[str] = (),
         on_error: OnError = "closed",
-        timeout: float | None = _DEFAULT_TIMEOUT,
-        error_retry_after: int = _DEFAULT_ERROR_RETRY_AFTER,
-        error_cooldown: float = _DEFAULT_ERROR_COOLDOWN,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        error_retry_after: int = DEFAULT_ERROR_RETRY_AFTER,
+        error_cooldown: float = DEFAULT_ERROR_COOLDOWN,
         websockets: bool = True,
     ) -> None:
         self.app = app
-        outage = self._outage = _Outage(error_cooldown)
+        outage = self._outage = _outage(error_cooldown)
 
         def guard(
             limiter: Provider[RateLimiter], key: KeyFunc, cost: int, on_error: OnError
@@ -590,12 +513,13 @@ class RateLimitMiddleware:
         if outcome is None:
             await self.app(scope, receive, send)
             return
-        if isinstance(outcome, _Unavailable):
-            await _refuse(scope, receive, send, 503, _UNAVAILABLE_BODY, _encode(outcome.headers()))
+        if isinstance(outcome, Failure):
+            headers = encode_headers(outcome.headers())
+            await refuse(scope, receive, send, 503, UNAVAILABLE_BODY, headers)
             return
         extra = _raw_headers(outcome)
         if not outcome.allowed:
-            await _refuse(scope, receive, send, 429, _TOO_MANY_BODY, extra)
+            await refuse(scope, receive, send, 429, _TOO_MANY_BODY, extra)
             return
         start = "http.response.start" if kind == "http" else "websocket.accept"
 
@@ -608,37 +532,6 @@ class RateLimitMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
-def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-
-
-async def _refuse(
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-    status: int,
-    body: bytes,
-    headers: list[tuple[bytes, bytes]],
-) -> None:
-    head = [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(body)).encode()),
-        *headers,
-    ]
-    if scope["type"] == "http":
-        await send({"type": "http.response.start", "status": status, "headers": head})
-        await send({"type": "http.response.body", "body": body})
-        return
-    # A WebSocket handshake: read the connect event first, as the protocol expects.
-    await receive()
-    if "websocket.http.response" in (scope.get("extensions") or {}):
-        await send({"type": "websocket.http.response.start", "status": status, "headers": head})
-        await send({"type": "websocket.http.response.body", "body": body})
-    else:
-        code = 1008 if status == 429 else 1013
-        await send({"type": "websocket.close", "code": code, "reason": body.decode()})
-
-
 # ----------------------------------------------------------------------- endpoints
 
 
@@ -648,9 +541,9 @@ def rate_limited(
     key: KeyFunc = client_address,
     cost: int = 1,
     on_error: OnError = "closed",
-    timeout: float | None = _DEFAULT_TIMEOUT,
-    error_retry_after: int = _DEFAULT_ERROR_RETRY_AFTER,
-    error_cooldown: float = _DEFAULT_ERROR_COOLDOWN,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    error_retry_after: int = DEFAULT_ERROR_RETRY_AFTER,
+    error_cooldown: float = DEFAULT_ERROR_COOLDOWN,
 ) -> Callable[[Callable[[Request], Awaitable[Response]]], Callable[[Request], Awaitable[Response]]]:
     """Decorate one Starlette endpoint ``async def endpoint(request) -> Response``.
 
@@ -666,7 +559,7 @@ def rate_limited(
         on_error=on_error,
         timeout=timeout,
         error_retry_after=error_retry_after,
-        outage=_Outage(error_cooldown),
+        outage=_outage(error_cooldown),
     )
 
     def decorate(
@@ -679,7 +572,7 @@ def rate_limited(
             outcome = await guard.decide(request.scope)
             if outcome is None:
                 return await endpoint(request)
-            if isinstance(outcome, _Unavailable):
+            if isinstance(outcome, Failure):
                 return PlainTextResponse(
                     "Service Unavailable", status_code=503, headers=outcome.headers()
                 )
@@ -702,9 +595,9 @@ def rate_limit_dependency(
     key: KeyFunc = client_address,
     cost: int = 1,
     on_error: OnError = "closed",
-    timeout: float | None = _DEFAULT_TIMEOUT,
-    error_retry_after: int = _DEFAULT_ERROR_RETRY_AFTER,
-    error_cooldown: float = _DEFAULT_ERROR_COOLDOWN,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    error_retry_after: int = DEFAULT_ERROR_RETRY_AFTER,
+    error_cooldown: float = DEFAULT_ERROR_COOLDOWN,
 ) -> Callable[..., Awaitable[RateLimitDecision | None]]:
     """A FastAPI dependency: ``Depends(rate_limit_dependency(app_state("limiter")))``.
 
@@ -729,7 +622,7 @@ def rate_limit_dependency(
         on_error=on_error,
         timeout=timeout,
         error_retry_after=error_retry_after,
-        outage=_Outage(error_cooldown),
+        outage=_outage(error_cooldown),
     )
 
     async def dependency(
@@ -738,7 +631,7 @@ def rate_limit_dependency(
         outcome = await guard.decide(request.scope)
         if outcome is None:
             return None
-        if isinstance(outcome, _Unavailable):
+        if isinstance(outcome, Failure):
             raise HTTPException(503, "Service Unavailable", headers=outcome.headers())
         headers = rate_limit_headers(outcome)
         if not outcome.allowed:

@@ -53,7 +53,30 @@ A request whose session is gone (expired, logged out elsewhere) behaves as one w
 session; the stale cookie is left alone (deleting it could race with a concurrent
 login's new cookie) and replaced as soon as the session is written.
 
-Errors from Redis propagate: the request fails (500 under most servers), fail closed.
+**When Redis fails** (unreachable, paused, the pool exhausted, an error reply, or slower
+than ``timeout``) while the middleware loads or writes back a session, ``on_error``
+decides, as for the rate-limit middleware: ``"closed"`` (default) answers ``503 Service
+Unavailable`` with ``Retry-After: error_retry_after`` without calling the app;
+``"open"`` lets the request through with an empty session marked unavailable
+(``session.available`` is False: no id, no user; see :class:`RequestSession` for what
+writes to it do); a callable ``(scope, error) -> "open" | "closed"`` decides per
+request. For ``error_cooldown`` seconds after a failure, requests that need Redis go to
+``on_error`` without waiting on it again; then one probes. One warning is logged when an
+outage starts and one when the store answers again (``aioredispatterns.sessions_asgi``
+logger), not one per request. Requests without a session cookie that write nothing
+need no Redis command and are served normally throughout.
+
+The write-back runs at ``http.response.start``, before that message is passed on: no
+byte of the response has left yet, so under ``"closed"`` a failed write-back still
+turns the response into the 503 (the app's own response is dropped; whatever else the
+handler did stands, a login or logout in it included, whose cookie the 503 carries; a
+write that timed out may still land later). Under ``"open"`` the app's response goes
+out without the write (and without a new session's cookie). What the handler itself
+awaits (:meth:`~RequestSession.login`, :meth:`~RequestSession.logout`,
+:meth:`~RequestSession.save`) raises the store's typed error in the handler, where the
+app's exception handlers can map it. Bad configuration (a provider that finds no store)
+and undecodable session data (:class:`~aioredispatterns.errors.SerializationError`) are
+not an outage: they raise.
 
 Cancellation: a client disconnect that cancels the request before a write leaves the
 session as it was; after, the write stands (see :mod:`aioredispatterns.sessions`).
@@ -64,17 +87,31 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, Final, Literal, TypeAlias
 
+from ._asgi_outage import (
+    DEFAULT_ERROR_COOLDOWN,
+    DEFAULT_ERROR_RETRY_AFTER,
+    DEFAULT_TIMEOUT,
+    UNAVAILABLE_BODY,
+    Failure,
+    FailurePolicy,
+    OnError,
+    Outage,
+    encode_headers,
+    refuse,
+)
 from ._provider import AppState, Provider, app_state, resolver
 from ._validate import check_flag, check_seconds, shown
-from .errors import ConfigurationError
+from .errors import ConfigurationError, ConnectionFailed, RedisPatternsError
 from .sessions import Session, SessionStore
 
 __all__ = (
     "AppState",
+    "OnError",
     "RequestSession",
     "SessionMiddleware",
     "app_state",
@@ -87,6 +124,8 @@ Receive: TypeAlias = Callable[[], Awaitable[Message]]
 Send: TypeAlias = Callable[[Message], Awaitable[None]]
 ASGIApp: TypeAlias = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+logger: logging.Logger = logging.getLogger("aioredispatterns.sessions_asgi")
+
 #: What the MAC covers besides the id, so a signature made for something else under the
 #: same secret is never a valid session cookie.
 _PURPOSE: Final = b"aioredispatterns.session\x00"
@@ -96,6 +135,11 @@ _MAX_COOKIE: Final = 256
 _MIN_SECRET_BYTES: Final = 16
 _TOKEN: Final = re.compile(r"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 token
 _SAMESITE: Final = {"lax": "Lax", "strict": "Strict", "none": "None"}
+#: Logged once per outage, when on_error let a request through and its writes are lost.
+_DROPPED: Final = (
+    "session writes are dropped until the session store answers again (requests that "
+    "on_error let through during the outage keep their changes to themselves)"
+)
 
 
 class RequestSession(MutableMapping[str, Any]):
@@ -105,16 +149,42 @@ class RequestSession(MutableMapping[str, Any]):
     Reads come from the snapshot taken when the request arrived; writes are recorded and
     written back field by field when the response starts (or at :meth:`save`).
 
+    **Unavailable.** When the store failed to load the session and the middleware's
+    ``on_error`` let the request through (``"open"``), the session is empty, without id
+    or user, and :attr:`available` is False. Writes to it (``session[k] = v``,
+    ``del session[k]``, :meth:`save`) are seen by the rest of the request but never
+    written: they are dropped, with one warning per outage (writing them would start a
+    new session and overwrite the cookie of the real one, which is only out of reach).
+    :meth:`login` and :meth:`logout` raise
+    :class:`~aioredispatterns.errors.ConnectionFailed` instead (neither can be done
+    without the store, and pretending would be worse: a logout that leaves the session
+    valid). Check :attr:`available` to answer differently, such as a 503 of your own.
+
     Attributes:
         id: the session id, or None while the request has no session.
         user: who is logged in, or None.
         store: the store it lives in.
+        available: False when the store could not be read for this request (above).
     """
 
-    __slots__ = ("_cookie", "_data", "_deleted", "_set", "id", "store", "user")
+    __slots__ = (
+        "_cookie",
+        "_data",
+        "_deleted",
+        "_failure",
+        "_outage",
+        "_set",
+        "available",
+        "id",
+        "store",
+        "user",
+    )
 
     def __init__(self, store: SessionStore, session: Session | None) -> None:
         self.store: SessionStore = store
+        self.available: bool = True
+        self._failure: RedisPatternsError | None = None
+        self._outage: Outage | None = None
         self.id: str | None = None if session is None else session.id
         self.user: str | None = None if session is None else session.user
         self._data: dict[str, Any] = {} if session is None else dict(session.data)
@@ -168,10 +238,16 @@ class RequestSession(MutableMapping[str, Any]):
         anonymous one is started with only the fields this request set: a write never
         brings back what a logout removed.
 
+        On an unavailable session (see the class), the changes are dropped instead: no
+        command is sent.
+
         Cancellation: a write either ran or did not; the changes stay pending until it
         completes.
         """
         if not self.modified:
+            return
+        if not self.available:
+            self._drop()
             return
         if self.id is not None and await self.store.update(
             self.id, self._set, delete=self._deleted
@@ -200,7 +276,10 @@ class RequestSession(MutableMapping[str, Any]):
 
         Raises:
             ConfigurationError: a bad ``user``.
+            ConnectionFailed: the session is unavailable (see the class); nothing was
+                sent. Errors of the store itself as they come.
         """
+        self._check_available("log in")
         await self.save()
         session = None
         if self.id is not None:
@@ -217,8 +296,13 @@ class RequestSession(MutableMapping[str, Any]):
 
         The data is cleared and the response deletes the cookie; a write after this
         starts a new anonymous session.
+
+        Raises:
+            ConnectionFailed: the session is unavailable (see the class); nothing was
+                sent and the session stays valid. Errors of the store itself as they come.
         """
         check_flag("everywhere", everywhere)
+        self._check_available("log out")
         if everywhere and self.user is not None:
             await self.store.destroy_user(self.user)
         if self.id is not None:
@@ -229,6 +313,24 @@ class RequestSession(MutableMapping[str, Any]):
         self._set = {}
         self._deleted = set()
         self._cookie = "delete"
+
+    def _mark_unavailable(self, error: RedisPatternsError, outage: Outage) -> None:
+        self.available = False
+        self._failure = error
+        self._outage = outage
+
+    def _check_available(self, what: str) -> None:
+        if not self.available:
+            raise ConnectionFailed(
+                f"cannot {what}: this request's session could not be read, the session "
+                f"store is failing ({type(self._failure).__name__}: {self._failure})"
+            ) from self._failure
+
+    def _drop(self) -> None:
+        if self._outage is not None:
+            self._outage.note("dropped", _DROPPED)
+        self._set = {}
+        self._deleted = set()
 
 
 def session_of(request_or_scope: Any) -> RequestSession:
@@ -286,9 +388,25 @@ class SessionMiddleware:
         max_age: seconds the browser keeps the cookie (at least 1; re-sent on every
             response of a request with a session); None (default): until the browser
             closes.
+        on_error: ``"closed"`` (default: 503 with ``Retry-After``, the app is not
+            called), ``"open"`` (the request proceeds with an unavailable session: see
+            :class:`RequestSession`) or a callable ``(scope, error) -> "open" |
+            "closed"``; when Redis fails or takes longer than ``timeout`` loading or
+            writing back a session (see the module docstring).
+        timeout: the most seconds a session load, or its write-back, may take
+            (``None``: the client's own socket timeout); past it, ``on_error`` decides.
+        error_retry_after: the ``Retry-After`` seconds of a 503.
+        error_cooldown: after a failure, for this many seconds, requests that need Redis
+            go to ``on_error`` at once without asking it (so a paused server does not cost
+            every request ``timeout``); then one request probes again. 0: always ask.
+
+    A WebSocket handshake failed closed gets the 503 as an HTTP response where the server
+    supports the ``websocket.http.response`` extension (uvicorn does), else a close with
+    code 1013 (try again later).
 
     Raises:
-        ConfigurationError: a bad option (at construction).
+        ConfigurationError: a bad option (at construction), or a provider that found no
+            store (per request: a bug in the app's wiring, not an outage).
     """
 
     def __init__(
@@ -304,6 +422,10 @@ class SessionMiddleware:
         path: str = "/",
         domain: str | None = None,
         max_age: float | None = None,
+        on_error: OnError = "closed",
+        timeout: float | None = DEFAULT_TIMEOUT,
+        error_retry_after: int = DEFAULT_ERROR_RETRY_AFTER,
+        error_cooldown: float = DEFAULT_ERROR_COOLDOWN,
     ) -> None:
         self.app: ASGIApp = app
         self._store = resolver(store, SessionStore, "store")
@@ -333,6 +455,18 @@ class SessionMiddleware:
         self._attributes = "; ".join(attributes)
         self._delete = "; ".join(expired)
         self._refresh = max_age is not None
+        self._outage = Outage(
+            error_cooldown,
+            logger=logger,
+            subject="the session store",
+            degraded="did not get their session",
+        )
+        self._policy = FailurePolicy(
+            on_error=on_error,
+            timeout=timeout,
+            error_retry_after=error_retry_after,
+            outage=self._outage,
+        )
 
     def sign(self, session_id: str) -> str:
         """The cookie value for ``session_id``: ``<id>.<HMAC-SHA256 under the first secret>``."""
@@ -376,17 +510,35 @@ class SessionMiddleware:
             await self.app(scope, receive, send)
             return
         store = self._store(scope)
-        session_id = self._cookie_id(scope)
-        loaded = None if session_id is None else await store.get(session_id)
-        session = RequestSession(store, loaded)
+        session = await self._load(scope, store)
+        if isinstance(session, Failure):
+            await refuse(
+                scope, receive, send, 503, UNAVAILABLE_BODY, encode_headers(session.headers())
+            )
+            return
         scope["session"] = session
         if scope["type"] == "websocket":
             await self.app(scope, receive, send)
             return
+        replaced = False
 
         async def send_with_cookie(message: Message) -> None:
+            nonlocal replaced
+            if replaced:
+                return  # the app's response became a 503: the rest of it goes nowhere
             if message["type"] == "http.response.start":
-                await session.save()
+                failed = await self._write_back(scope, session)
+                if failed is not None:
+                    replaced = True
+                    headers = encode_headers(failed.headers())
+                    if session._cookie != "keep":
+                        # A login or logout in the handler acted at once (the old id is
+                        # dead): the 503 still carries the cookie that follows it.
+                        cookie = self._set_cookie(session)
+                        if cookie is not None:
+                            headers.append((b"set-cookie", cookie))
+                    await refuse(scope, receive, send, 503, UNAVAILABLE_BODY, headers)
+                    return
                 header = self._set_cookie(session)
                 if header is not None:
                     message = dict(message)
@@ -394,3 +546,34 @@ class SessionMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_cookie)
+
+    async def _load(self, scope: Scope, store: SessionStore) -> RequestSession | Failure:
+        """The request's session; a Failure when the store failed and on_error said closed."""
+        session_id = self._cookie_id(scope)
+        if session_id is None:
+            return RequestSession(store, None)  # nothing to read: no command, no outage
+        loaded = await self._policy.call(scope, "session load", lambda: store.get(session_id))
+        if not isinstance(loaded, Failure):
+            return RequestSession(store, loaded)
+        if loaded.policy == "closed":
+            return loaded
+        session = RequestSession(store, None)
+        session._mark_unavailable(loaded.error, self._outage)
+        return session
+
+    async def _write_back(self, scope: Scope, session: RequestSession) -> Failure | None:
+        """Write the session's changes; a Failure when that failed and on_error said closed."""
+        if not session.modified:
+            return None
+        if not session.available:
+            await session.save()  # drops the changes, sends nothing
+            return None
+        saved = await self._policy.call(scope, "session write", session.save)
+        if not isinstance(saved, Failure):
+            return None
+        if saved.policy == "closed":
+            return saved
+        # Failed open: the response goes out without the write (pending changes are
+        # left as they are, and a new session gets no cookie: it has no id).
+        self._outage.note("dropped", _DROPPED)
+        return None

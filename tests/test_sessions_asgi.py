@@ -1,6 +1,7 @@
 """SessionMiddleware in a real Starlette app driven by httpx: login with rotation, sliding
 expiry, forged and tampered cookies refused without a Redis command, log out everywhere,
-concurrent field writes of one session."""
+concurrent field writes of one session; a paused store answered by on_error (503 or an
+unavailable session), never a 500, and recovery."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from aioredispatterns import ConfigurationError, SerializationError, connect
+from aioredispatterns import ConfigurationError, ConnectionFailed, SerializationError, connect
 from aioredispatterns.sessions import SessionStore
 from aioredispatterns.sessions_asgi import (
     RequestSession,
@@ -25,7 +26,7 @@ from aioredispatterns.sessions_asgi import (
     app_state,
     session_of,
 )
-from aioredispatterns.testing import command_calls
+from aioredispatterns.testing import command_calls, free_port
 
 pytestmark = pytest.mark.budget_kinds("valkey-9.1", "redis-6.2", "cluster")
 
@@ -268,3 +269,162 @@ def test_bad_options_and_missing_middleware() -> None:
         session["when"] = object()  # refused in the handler, not at response start
     assert "when" not in session
     assert not session.modified
+
+
+# ----------------------------------------------------------------------- outages
+
+
+def outage_app(store: SessionStore, **options: Any) -> Starlette:
+    """An app that shows whether the session is available; ``/put?pause=1`` pauses the
+    server (``app.state.pause``) in the handler, so only the write-back meets the outage."""
+
+    async def show(request: Request) -> Response:
+        session = session_of(request)
+        return JSONResponse({"user": session.user, "data": dict(session), "up": session.available})
+
+    async def put(request: Request) -> Response:
+        session = session_of(request)
+        for name, value in request.query_params.items():
+            session[name] = value
+        if "pause" in request.query_params:
+            request.app.state.pause()
+        return JSONResponse({"ok": True})
+
+    async def login(request: Request) -> Response:
+        await session_of(request).login("alice")
+        return JSONResponse({"ok": True})
+
+    app = Starlette(
+        routes=[
+            Route("/", show),
+            Route("/put", put, methods=["POST"]),
+            Route("/login", login, methods=["POST"]),
+        ],
+        middleware=[Middleware(SessionMiddleware, store=store, secret=SECRET, **options)],
+    )
+    app.state.pause = lambda: None
+    return app
+
+
+def warnings_with(caplog: pytest.LogCaptureFixture, text: str) -> int:
+    return sum(text in record.getMessage() for record in caplog.records)
+
+
+async def test_a_paused_store_fails_closed_with_503_then_recovers(
+    own_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="aioredispatterns.sessions_asgi")
+    async with connect(own_server.url) as client:
+        store = SessionStore(client)
+        app = outage_app(store, error_retry_after=7)  # timeout 1 s, cooldown 0.5 s
+        app.state.pause = own_server.pause
+        async with browser(app) as http, browser(app) as stranger:
+            await http.post("/put", params={"cart": "book"})
+            cookie = http.cookies["session"]
+            try:
+                # The load succeeds; the write-back at response start meets the paused
+                # server: the app's 200 becomes a 503 (the response had not started).
+                started = anyio.current_time()
+                written = await http.post("/put", params={"cart": "pen", "pause": "1"})
+                assert written.status_code == 503, written.text
+                assert written.headers["Retry-After"] == "7"
+                assert written.text == "Service Unavailable"
+                assert "set-cookie" not in written.headers
+                # Loads: 503 without calling the app, bounded by the timeout (or less, in
+                # the cooldown), never a 500.
+                for _ in range(3):
+                    refused = await http.get("/")
+                    assert refused.status_code == 503
+                    assert refused.headers["Retry-After"] == "7"
+                assert anyio.current_time() - started < 10
+                # A request without a cookie that writes nothing needs no Redis.
+                assert (await stranger.get("/")).json() == {"user": None, "data": {}, "up": True}
+            finally:
+                own_server.resume()
+            assert warnings_with(caplog, "the session store is failing") == 1, caplog.text
+            with anyio.fail_after(20):
+                while (response := await http.get("/")).status_code != 200:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            assert http.cookies["session"] == cookie  # the same session, unharmed
+            # Whether the timed-out write landed after the resume is unknown; the session
+            # holds one of the two values.
+            assert response.json()["data"]["cart"] in ("book", "pen")
+            assert warnings_with(caplog, "the session store recovered") == 1, caplog.text
+
+
+async def test_a_paused_store_fails_open_with_an_unavailable_session(
+    own_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="aioredispatterns.sessions_asgi")
+    async with connect(own_server.url) as client:
+        store = SessionStore(client)
+        app = outage_app(store, on_error="open")
+        async with browser(app) as http:
+            await http.post("/put", params={"cart": "book"})
+            cookie = http.cookies["session"]
+            with own_server.paused():
+                for _ in range(3):
+                    seen = await http.get("/")
+                    assert seen.status_code == 200
+                    assert seen.json() == {"user": None, "data": {}, "up": False}
+                # Writes to an unavailable session are dropped (no new session, no cookie
+                # overwriting the real one), with one warning for the outage.
+                for _ in range(2):
+                    put = await http.post("/put", params={"cart": "pen"})
+                    assert put.status_code == 200
+                    assert "set-cookie" not in put.headers
+                # A login cannot be done without the store: a typed error in the handler
+                # (httpx's ASGI transport re-raises what the app did not handle).
+                with pytest.raises(ConnectionFailed, match="cannot log in"):
+                    await http.post("/login")
+            assert warnings_with(caplog, "the session store is failing") == 1, caplog.text
+            assert warnings_with(caplog, "session writes are dropped") == 1, caplog.text
+            with anyio.fail_after(20):
+                while not (await http.get("/")).json()["up"]:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            assert http.cookies["session"] == cookie
+            assert (await http.get("/")).json() == {
+                "user": None,
+                "data": {"cart": "book"},
+                "up": True,
+            }
+            assert warnings_with(caplog, "the session store recovered") == 1, caplog.text
+
+
+async def test_on_error_per_request_and_websocket_handshake() -> None:
+    """A store whose server refuses connections: a callable on_error decides per request;
+    a WebSocket handshake failed closed is refused with 1013, not a crash."""
+    async with connect(f"redis://127.0.0.1:{free_port()}/0", retries=0) as client:
+        store = SessionStore(client)
+
+        def by_method(scope: Any, error: Exception) -> Any:
+            assert isinstance(error, ConnectionFailed)
+            return "open" if scope.get("method") == "GET" else "closed"
+
+        app = outage_app(store, on_error=by_method, error_cooldown=0)
+        session_id = "abcd." + "x" * 32
+        cookie = SessionMiddleware(app, store, secret=SECRET).sign(session_id)
+        async with browser(app) as http:
+            headers = {"cookie": f"session={cookie}"}
+            assert (await http.get("/", headers=headers)).json()["up"] is False
+            refused = await http.post("/put", params={"a": "1"}, headers=headers)
+            assert refused.status_code == 503
+            assert refused.headers["Retry-After"] == "5"
+
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "websocket.connect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        closed = SessionMiddleware(app, store, secret=SECRET)
+        raw = [(b"cookie", f"session={cookie}".encode())]
+        await closed({"type": "websocket", "path": "/", "headers": raw}, receive, send)
+        assert sent == [{"type": "websocket.close", "code": 1013, "reason": "Service Unavailable"}]
+
+    with pytest.raises(ConfigurationError):
+        SessionMiddleware(app, store, secret=SECRET, on_error="maybe")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        SessionMiddleware(app, store, secret=SECRET, timeout=0)
