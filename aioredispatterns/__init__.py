@@ -138,6 +138,7 @@ from .streams import (
 __version__ = "0.1.0.dev0"
 
 from ._provider import app_state
+from .doctor import DoctorReport, Finding, Severity, doctor
 from .health import HealthReport, PoolUsage, health
 from .sessions import Session, SessionChange, SessionStore
 
@@ -165,7 +166,9 @@ __all__ = (
     "CounterError",
     "DeadJob",
     "DeadLetter",
+    "DoctorReport",
     "FencedValue",
+    "Finding",
     "FixedWindow",
     "GCRA",
     "Gap",
@@ -229,6 +232,7 @@ __all__ = (
     "Session",
     "SessionChange",
     "SessionStore",
+    "Severity",
     "SlidingWindowCounter",
     "SlidingWindowLog",
     "StreamError",
@@ -246,6 +250,7 @@ __all__ = (
     "app_state",
     "cached",
     "connect",
+    "doctor",
     "fenced_get",
     "fenced_set",
     "health",

@@ -1,4 +1,4 @@
-"""``python -m aioredispatterns bench | info | --version``."""
+"""``python -m aioredispatterns bench | doctor | info | --version``."""
 
 from __future__ import annotations
 
@@ -73,6 +73,37 @@ def _parser() -> argparse.ArgumentParser:
         help="also run redis-benchmark (GET/SET, unpipelined, -c 64) on the same server",
     )
 
+    doctor = commands.add_parser(
+        "doctor",
+        help="find common mistakes on a live server, read-only, and say what to change",
+        description="Examines the server (every primary of a cluster) read-only: keys "
+        "without TTLs and big keys (a paced SCAN sample), KEYS / FLUSHALL / slow O(N) "
+        "commands, persistence, maxmemory and replication against the server's role, "
+        "clients. Exit code 0 clean, 1 warnings, 2 errors.",
+    )
+    doctor.add_argument("--url", default="redis://127.0.0.1:6379/0")
+    doctor.add_argument(
+        "--role",
+        choices=("cache", "queue", "lock", "streams", "mixed"),
+        default="mixed",
+        help="what the server is for (mixed: the strictest of them)",
+    )
+    doctor.add_argument("--prefix", help="sample only keys starting with this")
+    doctor.add_argument(
+        "--sample", type=int, default=10_000, help="examine at most this many keys (10000)"
+    )
+    doctor.add_argument(
+        "--time-limit",
+        type=float,
+        default=20.0,
+        help="stop sampling keys after this many seconds (20)",
+    )
+    output = doctor.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the report as JSON")
+    output.add_argument(
+        "--plain", action="store_true", help="print plain text (the default uses rich)"
+    )
+
     info = commands.add_parser("info", help="print the server's name, version and commands")
     info.add_argument("--url", default="redis://127.0.0.1:6379/0")
     return parser
@@ -87,6 +118,44 @@ async def _info(url: str) -> None:
         print(repr(await server_info(client)))
     finally:
         await client.aclose()
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from ._connection import connect
+    from ._doctor_report import plain, print_report
+    from .doctor import doctor
+
+    client = connect(args.url)
+    try:
+        report = await doctor(
+            client,
+            role=args.role,
+            prefix=args.prefix,
+            sample=args.sample,
+            time_limit=args.time_limit,
+        )
+    finally:
+        await client.aclose()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    elif args.plain:
+        print(plain(report, _redacted(args.url)))
+    else:
+        print_report(report, _redacted(args.url))
+    return report.exit_code
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password (a report is pasted into tickets)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -117,11 +186,14 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for a library error)."""
+    """Run the command line; returns the exit status (2 for a library error; for
+    ``doctor``, 0 clean, 1 warnings, 2 errors)."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "bench":
             _bench(args)
+        elif args.command == "doctor":
+            return anyio.run(_doctor, args)
         else:
             anyio.run(_info, args.url)
     except RedisPatternsError as exc:

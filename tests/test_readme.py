@@ -37,6 +37,7 @@ FASTAPI_EXAMPLE = "example-cache-aside-in-a-fastapi-app"
 EXPECTED_OUTPUT = {
     "cache-aside": "1 load for 100 misses",
     "near-cache": "after the write: {'theme': 'light'}",
+    "doctor": "sampled key in readme-doctor:* has no TTL",
     "sessions-1": "phone after log-out-everywhere: None",
     "sessions-2": "stranger: user=None cart=None",
     "web-apps-fastapi-starlette": "/hello: [200, 200, 429]",
