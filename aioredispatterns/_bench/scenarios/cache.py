@@ -107,36 +107,6 @@ def near(concurrency: int) -> Setup:
     return setup
 
 
-def _cashews_two_level(concurrency: int) -> Setup:
-    @asynccontextmanager
-    async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
-        cache = load("cashews").Cache()
-        cache.setup(env.url, client_side=True, max_connections=_pool_size(concurrency))
-        cached: Operation = cache(ttl="1h", key=f"{env.prefix}:cashews2:{KEY}")(_load)
-        await cached()
-        try:
-            yield cached
-        finally:
-            await cache.close()
-
-    return setup
-
-
-def _aiocache_memory(concurrency: int) -> Setup:
-    @asynccontextmanager
-    async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
-        aiocache = load("aiocache")
-        decorator = aiocache.cached(ttl=3600, key=f"{env.prefix}:aiomem:{KEY}")
-        cached: Operation = decorator(_load)
-        await cached()
-        try:
-            yield cached
-        finally:
-            await decorator.cache.close()
-
-    return setup
-
-
 def _invalidation(*, near_reader: bool) -> Setup:
     @asynccontextmanager
     async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
@@ -165,13 +135,16 @@ def _invalidation(*, near_reader: bool) -> Setup:
     return setup
 
 
-def _cashews(concurrency: int) -> Setup:
+def _cashews(concurrency: int, *, client_side: bool = False) -> Setup:
+    """cashews' ``@cache`` on Redis; ``client_side``: its two-level (in-memory) cache."""
+
     @asynccontextmanager
     async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
         cache = load("cashews").Cache()
-        cache.setup(env.url, max_connections=_pool_size(concurrency))
-
-        cached: Operation = cache(ttl="1h", key=f"{env.prefix}:cashews:{KEY}")(_load)
+        options: dict[str, Any] = {"client_side": True} if client_side else {}
+        cache.setup(env.url, max_connections=_pool_size(concurrency), **options)
+        name = "cashews2" if client_side else "cashews"
+        cached: Operation = cache(ttl="1h", key=f"{env.prefix}:{name}:{KEY}")(_load)
         await cached()
         try:
             yield cached
@@ -181,20 +154,24 @@ def _cashews(concurrency: int) -> Setup:
     return setup
 
 
-def _aiocache(concurrency: int) -> Setup:
+def _aiocache(concurrency: int, *, memory: bool = False) -> Setup:
+    """aiocache's ``@cached`` on Redis; ``memory``: on its in-process memory cache."""
+
     @asynccontextmanager
     async def setup(env: BenchEnv) -> AsyncIterator[Operation]:
         aiocache = load("aiocache")
-        parts = urlsplit(env.url)
-        decorator = aiocache.cached(
-            ttl=3600,
-            key=f"{env.prefix}:aiocache:{KEY}",
-            cache=aiocache.Cache.REDIS,
-            endpoint=parts.hostname,
-            port=parts.port,
-            pool_max_size=_pool_size(concurrency),
-        )
-
+        if memory:
+            decorator = aiocache.cached(ttl=3600, key=f"{env.prefix}:aiomem:{KEY}")
+        else:
+            parts = urlsplit(env.url)
+            decorator = aiocache.cached(
+                ttl=3600,
+                key=f"{env.prefix}:aiocache:{KEY}",
+                cache=aiocache.Cache.REDIS,
+                endpoint=parts.hostname,
+                port=parts.port,
+                pool_max_size=_pool_size(concurrency),
+            )
         cached: Operation = decorator(_load)
         await cached()
         try:
@@ -240,12 +217,12 @@ def scenarios(env: BenchEnv) -> list[Scenario]:
         if has("cashews"):
             rows.append(
                 Scenario(group, "cashews two-level (client_side, stale)", concurrency,
-                         _cashews_two_level(concurrency), role="competitor")
+                         _cashews(concurrency, client_side=True), role="competitor")
             )  # fmt: skip
         if has("aiocache"):
             rows.append(
                 Scenario(group, "aiocache memory (no invalidation)", concurrency,
-                         _aiocache_memory(concurrency), role="competitor")
+                         _aiocache(concurrency, memory=True), role="competitor")
             )  # fmt: skip
     group = "near invalidation"
     rows += [
