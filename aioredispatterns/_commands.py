@@ -64,6 +64,7 @@ __all__ = (
     "execute_initialize",
     "execute_many",
     "execute_script",
+    "known_primaries",
     "node_of",
     "pipeline_stats",
     "primaries",
@@ -588,6 +589,15 @@ async def primaries(client: AnyRedis) -> list[str] | None:
     except Exception as exc:
         reraise(exc)
     return router.primaries
+
+
+def known_primaries(client: AnyRedis) -> list[str]:
+    """``host:port`` of the primaries in a cluster's current map, without loading it
+    (empty before the first load, and on a standalone server)."""
+    if not isinstance(client, RedisCluster):
+        return []
+    router = state_of(client).router
+    return router.primaries if router is not None else []
 
 
 def topology_epoch(client: AnyRedis) -> int:

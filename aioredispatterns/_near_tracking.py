@@ -38,7 +38,14 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ._backoff import Backoff
-from ._commands import Dedicated, dedicated, node_of, primaries, topology_epoch
+from ._commands import (
+    Dedicated,
+    dedicated,
+    known_primaries,
+    node_of,
+    primaries,
+    topology_epoch,
+)
 from ._connection import AnyRedis
 from ._keys import KeyT
 from ._near import NearStore
@@ -67,11 +74,16 @@ class _Tracker:
         self.node = node
         self.armed = False
         self.attempted = anyio.Event()
+        self.scope = anyio.CancelScope()  # cancelled when the node stops serving slots
         self._replies = 0  # heartbeat replies read
         self._reported: str | None = None
 
     async def run(self) -> None:
         """Keep tracking armed until cancelled (``attempted`` is set after the first try)."""
+        with self.scope:
+            await self._keep_armed()
+
+    async def _keep_armed(self) -> None:
         tracking = self._tracking
         backoff = Backoff(base=0.05, cap=2.0)
         while True:
@@ -204,11 +216,18 @@ class Tracking:
             tracker.armed = False
 
     def check_topology(self) -> None:
-        """On a cluster: flush the near layer if the slot map changed since last time."""
+        """On a cluster: if the slot map changed since last time, flush the near layer and
+        retire the trackers of nodes that no longer serve slots (a failed-over primary);
+        new primaries get theirs on first use."""
         epoch = topology_epoch(self.client)
         if epoch != self._epoch:
             self._epoch = epoch
             self.store.flush()
+            serving = set(known_primaries(self.client))
+            for node, tracker in list(self._trackers.items()):
+                if node is not None and node not in serving:
+                    tracker.scope.cancel()
+                    del self._trackers[node]
 
     async def ticket(self, key: KeyT) -> int | None:
         """A ticket for a read of ``key`` about to be sent, or None when its server's

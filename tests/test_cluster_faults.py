@@ -313,3 +313,71 @@ async def test_a_sharded_subscription_follows_its_moved_slot(
     assert kinds[0] == "message"
     assert "gap" in kinds
     assert cluster.owner_of_slot(slot).port == target.port
+
+
+async def test_a_near_cache_follows_a_failover(cluster: ClusterServers, client: Any) -> None:
+    """The near layer is flushed when its primary fails over, and afterwards a write on the
+    promoted node still evicts the copy (tracking moved with the slot)."""
+    from aioredispatterns import Cache, NearCachePolicy
+
+    keys: dict[int, str] = {}  # a cache key per primary, by where its entry lives
+    index = 0
+    while len(keys) < len(cluster.primaries()):
+        name = f"near{index}"
+        keys.setdefault(cluster.node_for_key(f"nearfo:cache:{{{name}}}").port, name)
+        index += 1
+    victim = cluster.primaries()[2]
+    key = keys[victim.port]
+    writer_client = connect(cluster.url, socket_timeout=SOCKET_TIMEOUT)
+    try:
+        async with (
+            Cache(client, ttl=60, prefix="nearfo", near=NearCachePolicy()) as cache,
+            Cache(writer_client, ttl=60, prefix="nearfo") as writer,
+        ):
+            for name in keys.values():
+                await writer.set(name, "before")
+            with anyio.fail_after(10):
+                while cache.stats.near_entries < len(keys):
+                    for name in keys.values():
+                        assert await cache.get(name) == "before"
+                    await anyio.sleep(0.01)
+            flushes = cache.stats.near_flushes
+            await anyio.to_thread.run_sync(cluster.kill_primary, victim)
+            with anyio.fail_after(15):  # the lost tracking connection flushes the layer
+                while cache.stats.near_flushes == flushes:  # noqa: ASYNC110 - polled state
+                    await anyio.sleep(0.02)
+            with anyio.fail_after(15):  # the promoted node serves the key; write it there
+                while True:
+                    try:
+                        await writer.set(key, "after")
+                        break
+                    except RedisPatternsError:
+                        await anyio.sleep(0.1)
+            with anyio.fail_after(15):
+                while await _get_or_none(cache, key) != "after":  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            # Kept near again, and invalidated by the new primary's tracking connection.
+            with anyio.fail_after(15):
+                while True:
+                    hits = cache.stats.near_hits
+                    assert await _get_or_none(cache, key) == "after"
+                    if cache.stats.near_hits > hits:
+                        break
+                    await anyio.sleep(0.05)
+            await writer.set(key, "again")
+            with anyio.fail_after(15):
+                while await _get_or_none(cache, key) != "again":  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            # The dead primary's tracker was retired with the old map.
+            tracked = [node for node in cache._tracking._trackers if node is not None]
+            assert not [node for node in tracked if node.endswith(f":{victim.port}")], tracked
+    finally:
+        await writer_client.aclose()
+        await _restore(cluster, victim)
+
+
+async def _get_or_none(cache: Any, key: str) -> Any:
+    try:
+        return await cache.get(key)
+    except RedisPatternsError:
+        return None
