@@ -552,10 +552,17 @@ async def execute_initialize(client: AnyRedis) -> None:
         ConnectionFailed: the cluster could not be reached.
     """
     if isinstance(client, RedisCluster):
-        try:
-            await _router_of(client).node_for(None)
-        except Exception as exc:
-            reraise(exc)
+        await _loaded_router(client, None)
+
+
+async def _loaded_router(client: RedisCluster, key: KeyT | None) -> SlotRouter:
+    """``client``'s router, its map loaded (and the node serving ``key`` known)."""
+    router = _router_of(client)
+    try:
+        await router.node_for(key)
+    except Exception as exc:
+        reraise(exc)
+    return router
 
 
 async def node_of(client: AnyRedis, key: KeyT) -> str | None:
@@ -566,12 +573,7 @@ async def node_of(client: AnyRedis, key: KeyT) -> str | None:
     """
     if not isinstance(client, RedisCluster):
         return None
-    router = _router_of(client)
-    try:
-        await router.node_for(key)
-    except Exception as exc:
-        reraise(exc)
-    return router.node_name(key)
+    return (await _loaded_router(client, key)).node_name(key)
 
 
 async def primaries(client: AnyRedis) -> list[str] | None:
@@ -583,12 +585,7 @@ async def primaries(client: AnyRedis) -> list[str] | None:
     """
     if not isinstance(client, RedisCluster):
         return None
-    router = _router_of(client)
-    try:
-        await router.node_for(None)
-    except Exception as exc:
-        reraise(exc)
-    return router.primaries
+    return (await _loaded_router(client, None)).primaries
 
 
 def known_primaries(client: AnyRedis) -> list[str]:

@@ -174,20 +174,21 @@ def _user_digest(user: str) -> str:
     return hashlib.blake2b(user.encode(), digest_size=16).hexdigest()
 
 
-def _check_user(user: object) -> str:
-    if not isinstance(user, str):
-        raise ConfigurationError(f"user must be a str, got {shown(user)}")
-    checked = check_name("user", user, max_bytes=_MAX_USER_BYTES)
+def _check_text(what: str, value: object, max_bytes: int) -> str:
+    """A str name (not bytes) that ``check_name`` accepts."""
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{what} must be a str, got {shown(value)}")
+    checked = check_name(what, value, max_bytes=max_bytes)
     assert isinstance(checked, str)
     return checked
+
+
+def _check_user(user: object) -> str:
+    return _check_text("user", user, _MAX_USER_BYTES)
 
 
 def _check_field(name: object) -> str:
-    if not isinstance(name, str):
-        raise ConfigurationError(f"a session field name must be a str, got {shown(name)}")
-    checked = check_name("session field name", name, max_bytes=_MAX_FIELD_BYTES)
-    assert isinstance(checked, str)
-    return checked
+    return _check_text("session field name", name, _MAX_FIELD_BYTES)
 
 
 class SessionStore:
