@@ -61,6 +61,9 @@ class NearCachePolicy:
             silent for two heartbeats is declared lost and the near layer is flushed
             (1 by default). This bounds how long a silently dead connection can leave
             stale entries in place.
+
+    A near hit is answered without an ``await`` on I/O, so there is nothing to cancel;
+    a read cancelled while its GET is in flight stores nothing near.
     """
 
     max_bytes: int = 64 * 1024 * 1024

@@ -1122,6 +1122,9 @@ def cached(
     Raises:
         ConfigurationError: at decoration, a function that is not ``async def``, a bad
             ``key`` or ``ttl``; at call time, a provider that returns no ``Cache``.
+
+    Cancellation: as :meth:`Cache.get_or_load`: a cancelled caller stops waiting, the
+    shared load goes on in the cache's task group.
     """
     if not isinstance(cache, Cache) and not callable(cache):
         raise ConfigurationError(
