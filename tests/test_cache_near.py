@@ -401,3 +401,29 @@ async def test_no_process_serves_a_value_older_than_the_bound(
         f"p50 {p50 * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms, max {ranked[-1] * 1e3:.3f} ms"
     )
     assert max(staleness) < 0.5, sorted(staleness)[-5:]
+
+
+async def test_a_silent_tracking_connection_flushes_the_near_layer(
+    own_server: RedisServer, key_prefix: str
+) -> None:
+    """A server that stops answering (paused: no RST, no invalidations either) is noticed
+    by the heartbeat within two intervals, and the near layer is dropped."""
+    client = connect(own_server.url, socket_timeout=5)
+    try:
+        policy = NearCachePolicy(heartbeat=0.2)
+        async with Cache(client, ttl=60, prefix=key_prefix, near=policy) as cache:
+            await cache.set("k", 1)
+            await anyio.sleep(0.05)  # our own SET's invalidation arrives first
+            assert await cache.get("k") == 1
+            assert cache.stats.near_entries == 1
+            flushes = cache.stats.near_flushes
+            own_server.pause()
+            try:
+                with anyio.fail_after(ARRIVAL):
+                    while cache.stats.near_flushes == flushes:  # noqa: ASYNC110 - polled
+                        await anyio.sleep(0.02)
+            finally:
+                own_server.resume()
+            assert cache.stats.near_entries == 0
+    finally:
+        await client.aclose()
