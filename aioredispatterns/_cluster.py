@@ -267,13 +267,14 @@ class SlotRouter:
         candidates = [(host, int(port)) for host, _, port in known] + self._seeds
         random.shuffle(candidates)
         candidates.sort(key=lambda node: node in self._suspects)  # stable: healthy first
+        candidates = list(dict.fromkeys(candidates))  # once each, order kept
         errors: list[str] = []
-        seen: set[tuple[str, int]] = set()
-        for host, port in candidates:
-            if (host, port) in seen:
-                continue
-            seen.add((host, port))
-            with anyio.move_on_after(_REFRESH_NODE_TIMEOUT):
+        for index, (host, port) in enumerate(candidates):
+            # A slow node is left quickly for the next one; the last one gets the whole
+            # budget (on a busy machine a first map load can take longer than a second).
+            last = index == len(candidates) - 1
+            wait = max(_REFRESH_NODE_TIMEOUT, self._budget) if last else _REFRESH_NODE_TIMEOUT
+            with anyio.move_on_after(wait):
                 try:
                     async with dedicated(self.node(host, port)) as connection:
                         owners = await self._ask_map(connection, host)
@@ -286,7 +287,7 @@ class SlotRouter:
                     return
                 errors.append(f"{host}:{port}: serves no slots yet")
                 continue
-            errors.append(f"{host}:{port}: no answer within {_REFRESH_NODE_TIMEOUT} s")
+            errors.append(f"{host}:{port}: no answer within {wait} s")
         self._refreshed_at = time.monotonic()
         raise ClusterUnavailable("no cluster node gave its slot map: " + "; ".join(errors))
 
