@@ -459,7 +459,9 @@ class PickleSerializer:
         """Pickle ``value`` and sign it with the current key (HMAC-SHA256)."""
         try:
             body = pickle.dumps(value, protocol=self._protocol)
-        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        except (pickle.PicklingError, TypeError, AttributeError, ValueError, RecursionError) as exc:
+            # ValueError: e.g. protocol 0 writes ints as text, and an int over Python's
+            # int_max_str_digits (4300 digits) cannot become text.
             raise SerializationError(f"value cannot be pickled: {exc}") from exc
         return _PICKLE_VERSION + self._sign(self._keys[0], body) + body
 

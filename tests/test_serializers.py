@@ -475,3 +475,12 @@ def test_default_serializer_without_orjson_matches_orjson() -> None:
     written = [_dumps_or_none(here, value) for part in _corpus() for value in part]
     assert seen["dumps"] == [None if data is None else data.hex() for data in written]
     assert seen["loads"] == [_loads_or_error(here, data) for data in _documents()]
+
+
+@pytest.mark.parametrize("protocol", [0, 1])
+def test_pickle_of_an_int_too_long_for_text_is_a_serialization_error(protocol: int) -> None:
+    """Protocols 0 and 1 write ints as text: one over Python's 4300-digit limit raised a
+    bare ValueError (found by tests/test_fuzz_inputs.py)."""
+    serializer = PickleSerializer(key=b"k" * 16, protocol=protocol)
+    with pytest.raises(SerializationError, match="cannot be pickled"):
+        serializer.dumps([2**16610])
